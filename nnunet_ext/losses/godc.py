@@ -1,0 +1,116 @@
+"""Gradient-optimized Dice loss (GODC) of "Towards Accurate Medical Image Segmentation With
+Gradient-Optimized Dice Loss" (``shared/papers/godc_lfam_gradient_optimized_dice.md``).
+
+The gradient of the soft Dice loss with respect to a prediction is inversely proportional to the
+soft union ``U = sum(P + G - P*G)`` (Eq. 7): small objects get large steps, large objects small
+ones. GODC multiplies each sample's Dice loss by its union normalised within the batch (Eq. 8),
+
+    L = mean_{b,c} (1 - DC_bc) * w_bc,    w_bc = stopgrad(U_bc / mean_b' U_b'c) ** p,
+
+so that the gradient no longer depends on the object's size. ``p = 1`` is the paper's loss,
+``p = 2`` its "more aggressive" variant ``(||U||*)^2``, whose gradient grows with object size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class GODCLoss(nn.Module):
+    """Per-sample, per-class soft Dice loss weighted by the batch-normalised soft union (Eq. 8).
+
+    ``DC_bc = (2 I_bc + smooth) / (sum P_bc + sum G_bc + smooth)`` is the soft Dice of Eq. 2
+    (``I + U = sum P + sum G``) and ``U_bc`` the soft union of Eq. 1, both summed over the
+    spatial axes of sample ``b`` and channel ``c`` (voxels outside ``loss_mask`` excluded).
+    The weight carries no gradient. Terms are always per sample: a batch-wide union (nnU-Net's
+    ``batch_dice``) would make every weight 1 and collapse GODC to Dice. With one sample, or
+    equal unions, GODC equals ``1 - DC``.
+
+    Args:
+        apply_nonlin: applied to the network output first (softmax over channels for labels,
+            sigmoid for regions); ``None`` if ``x`` already holds probabilities.
+        do_bg: keep channel 0. ``False`` for softmax outputs (background), ``True`` for regions.
+        smooth: added to numerator and denominator of Dice; an empty class predicted empty has
+            ``DC = 1`` (loss 0), an empty class predicted non-empty ``DC ~ 0``.
+        exponent: ``p`` above. 1 is the paper's GODC, 2 the aggressive variant.
+        ddp: under ``torch.distributed``, normalise the unions by the mean over the *global*
+            batch (all ranks, gathered without gradient); otherwise by the local batch. nnU-Net
+            averages gradients over ranks, so the global mean makes a multi-GPU step equal to a
+            single-GPU step on the whole batch. Ignored when no process group is initialised.
+        eps: lower bound on the normalising mean union; a class with zero union in every sample
+            gets weight 0 (its Dice is 1 there anyway).
+    """
+
+    def __init__(self, apply_nonlin: Optional[Callable] = None, do_bg: bool = True, smooth: float = 1e-5,
+                 exponent: float = 1.0, ddp: bool = True, eps: float = 1e-8):
+        super().__init__()
+        if exponent < 0:
+            raise ValueError(f"GODC exponent must be >= 0 (1: paper, 2: aggressive variant), got {exponent}")
+        if smooth < 0:
+            raise ValueError(f"smooth must be >= 0, got {smooth}")
+        self.apply_nonlin = apply_nonlin
+        self.do_bg = do_bg
+        self.smooth = float(smooth)
+        self.exponent = float(exponent)
+        self.ddp = ddp
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x``: (B, C, *spatial) logits (or probabilities); ``y``: label map (B, 1, *spatial) or
+        (B, *spatial), or a one-hot/region target of ``x``'s shape; ``loss_mask``: (B, 1,
+        *spatial), 1 where the loss counts (nnU-Net's ignore-label mask)."""
+        if x.ndim < 3:
+            raise ValueError(f"GODCLoss expects (B, C, *spatial) input, got shape {tuple(x.shape)}")
+        if self.apply_nonlin is not None:
+            x = self.apply_nonlin(x)
+        axes = tuple(range(2, x.ndim))
+
+        with torch.no_grad():
+            y_onehot = self._one_hot(x, y)
+            if loss_mask is not None:
+                if loss_mask.shape[0] != x.shape[0] or loss_mask.shape[2:] != x.shape[2:] or loss_mask.shape[1] != 1:
+                    raise ValueError(f"loss_mask must have shape (B, 1, *spatial) = {(x.shape[0], 1, *x.shape[2:])}, "
+                                     f"got {tuple(loss_mask.shape)}")
+                y_onehot = y_onehot * loss_mask
+            if not self.do_bg:
+                y_onehot = y_onehot[:, 1:]
+            sum_gt = y_onehot.sum(axes, dtype=torch.float32)
+
+        if not self.do_bg:
+            x = x[:, 1:]
+        if loss_mask is not None:
+            x = x * loss_mask
+        intersect = (x * y_onehot).sum(axes, dtype=torch.float32)
+        sum_pred = x.sum(axes, dtype=torch.float32)
+
+        dice = (2 * intersect + self.smooth) / (sum_pred + sum_gt + self.smooth).clamp_min(1e-8)
+        weight = self._union_weight(sum_pred.detach() + sum_gt - intersect.detach())
+        return ((1 - dice) * weight).mean()
+
+    @staticmethod
+    def _one_hot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.ndim == x.ndim - 1:
+            y = y.unsqueeze(1)
+        if y.shape == x.shape:
+            return y.to(torch.float32)
+        if y.ndim != x.ndim or y.shape[1] != 1 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+            raise ValueError(f"target shape {tuple(y.shape)} does not match prediction {tuple(x.shape)}: expected a "
+                             f"label map (B, 1, *spatial) or a one-hot target of the prediction's shape")
+        y_onehot = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        y_onehot.scatter_(1, y.long(), 1)
+        return y_onehot
+
+    def _union_weight(self, union: torch.Tensor) -> torch.Tensor:
+        """``stopgrad(U_bc / mean_b U_bc) ** p`` for a (B, C) tensor of unions."""
+        total = union.sum(0)
+        count = torch.tensor(float(union.shape[0]), device=union.device)
+        if self.ddp and dist.is_available() and dist.is_initialized():
+            total = total.clone()
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        mean = (total / count).clamp_min(self.eps)
+        weight = union / mean
+        return weight if self.exponent == 1 else weight.pow(self.exponent)

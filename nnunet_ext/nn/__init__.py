@@ -1,0 +1,1 @@
+"""Network building blocks (deformable convolution, attention gate, IFE selectors). Depend on torch only."""

@@ -1,0 +1,71 @@
+"""Loss mixins: each overrides nnU-Net's ``_build_loss`` hook and nothing else.
+
+A trainer combines one loss mixin with an architecture (mixin or base trainer) by inheritance::
+
+    class nnUNetTrainerGODC(TrainingLengthFromEnvMixin, GODCLossMixin, nnUNetTrainer): ...
+
+Every mixin builds the per-output loss in ``_build_output_loss``; ``DeepSupervisedLossMixin``
+wraps it for deep supervision exactly as nnU-Net does (weights ``1/2**i``, lowest 0, normalised),
+with the length check nnU-Net leaves out.
+"""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+from torch import nn
+
+from nnunet_ext.losses import GODCLoss
+from nnunet_ext.training.deep_supervision import StrictDeepSupervisionWrapper, nnunet_deep_supervision_weights
+
+
+class DeepSupervisedLossMixin:
+    """``_build_loss`` = ``_build_output_loss`` wrapped for deep supervision the way nnU-Net does it."""
+
+    def _build_output_loss(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must implement _build_output_loss")
+
+    def _deep_supervision_weights(self):
+        scales = self._get_deep_supervision_scales()
+        keep_lowest = self.is_ddp and not self._do_i_compile()  # nnU-Net's DDP unused-parameter workaround
+        return nnunet_deep_supervision_weights(len(scales), keep_lowest=keep_lowest)
+
+    def _build_loss(self):
+        loss = self._build_output_loss()
+        if self.enable_deep_supervision:
+            loss = StrictDeepSupervisionWrapper(loss, self._deep_supervision_weights())
+        return loss
+
+
+class GODCLossMixin(DeepSupervisedLossMixin):
+    """nnU-Net's Dice + CE (or Dice + BCE for regions) with the Dice term replaced by GODC (Eq. 8).
+
+    Class attributes to override in a subclass: ``godc_exponent`` (1 paper, 2 aggressive
+    variant), ``godc_weight_ce`` (weight of the CE/BCE term; 0 gives GODC alone),
+    ``godc_weight_dice``. The ignore label is handled by nnU-Net's compound losses (mask passed
+    to GODC as ``loss_mask``); GODC is per sample whatever the plans' ``batch_dice``.
+    """
+
+    godc_exponent: float = 1.0
+    godc_weight_ce: float = 1.0
+    godc_weight_dice: float = 1.0
+
+    def _build_output_loss(self) -> nn.Module:
+        godc_kwargs = {'smooth': 1e-5, 'ddp': self.is_ddp, 'exponent': self.godc_exponent}
+        if self.label_manager.has_regions:
+            loss = DC_and_BCE_loss({}, {**godc_kwargs, 'do_bg': True},
+                                   weight_ce=self.godc_weight_ce, weight_dice=self.godc_weight_dice,
+                                   use_ignore_label=self.label_manager.ignore_label is not None,
+                                   dice_class=GODCLoss)
+        else:
+            loss = DC_and_CE_loss({**godc_kwargs, 'do_bg': False}, {},
+                                  weight_ce=self.godc_weight_ce, weight_dice=self.godc_weight_dice,
+                                  ignore_label=self.label_manager.ignore_label, dice_class=GODCLoss)
+        if self._do_i_compile():
+            loss.dc = torch.compile(loss.dc)
+        return loss
+
+
+class GODCOnlyLossMixin(GODCLossMixin):
+    """GODC alone, without the cross-entropy term: the paper's training loss."""
+
+    godc_weight_ce: float = 0.0

@@ -1,0 +1,18 @@
+"""GODC trainers (gradient-optimized Dice loss, Eq. 8 of the GODC/LFAM paper)."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.training import GODCLossMixin, GODCOnlyLossMixin, TrainingLengthFromEnvMixin
+
+
+class nnUNetTrainerGODC(TrainingLengthFromEnvMixin, GODCLossMixin, nnUNetTrainer):
+    """GODC + cross-entropy: nnU-Net's Dice+CE with Dice replaced by GODC (drop-in)."""
+
+
+class nnUNetTrainerGODCOnly(TrainingLengthFromEnvMixin, GODCOnlyLossMixin, nnUNetTrainer):
+    """GODC alone, no cross-entropy (the paper's training loss)."""
+
+
+class nnUNetTrainerGODCSquared(TrainingLengthFromEnvMixin, GODCLossMixin, nnUNetTrainer):
+    """GODC + cross-entropy with the squared union weight, the paper's aggressive variant."""
+
+    godc_exponent = 2.0
