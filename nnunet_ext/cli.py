@@ -1,0 +1,128 @@
+"""The ``nnunet-ext`` command: what nnU-Net has no command for.
+
+    nnunet-ext env [--root DIR]          shell exports for nnU-Net and our trainers
+    nnunet-ext trainers                  the trainers this package provides
+    nnunet-ext plan ID -pl PLANNER       plan (and preprocess) with one of our planners
+    nnunet-ext demo [--budget N]         phantom dataset, nnUNetTrainer vs nnUNetTrainerGODC, Dice table
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from nnunet_ext import __version__
+from nnunet_ext.environment import EnvironmentSetupError
+from nnunet_ext.errors import UserInputError
+
+
+def _cmd_env(args) -> None:
+    from nnunet_ext.environment import nnunet_environment, shell_exports
+    print(shell_exports(nnunet_environment(args.root)))
+
+
+def _cmd_trainers(args) -> None:
+    from nnunet_ext.registry import describe, trainer_classes
+    rows = describe(trainer_classes())
+    width = max(len(name) for name, _ in rows)
+    for name, line in rows:
+        print(f'{name.ljust(width)}  {line}')
+
+
+def _cmd_planners(args) -> None:
+    from nnunet_ext.registry import describe, planner_classes
+    rows = describe(planner_classes())
+    width = max(len(name) for name, _ in rows)
+    for name, line in rows:
+        print(f'{name.ljust(width)}  {line}')
+
+
+def _cmd_plan(args) -> None:
+    from nnunet_ext.nnunet_glue import dataset_name
+    from nnunet_ext.planning import plan_and_preprocess
+    from nnunet_ext.registry import find_planner
+
+    dataset_name(args.dataset_id)
+    try:
+        find_planner(args.pl)
+    except LookupError as e:
+        raise UserInputError(str(e)) from None
+    if args.np is not None and len(args.np) not in (1, len(args.c)):
+        raise UserInputError(f"-np takes one number or one per configuration ({len(args.c)}), got {args.np}")
+    num_processes = None if args.np is None else (args.np * len(args.c) if len(args.np) == 1 else args.np)
+    plans = plan_and_preprocess(args.dataset_id, args.pl, args.c, num_processes, args.npfp,
+                                args.verify_dataset_integrity, args.clean, not args.no_pp, args.gpu_memory_target,
+                                args.overwrite_plans_name, progress=not args.no_pbar)
+    print(f'plans written: {plans} (train with: nnUNetv2_train {args.dataset_id} CONFIG FOLD -p {plans} -tr TRAINER)')
+
+
+def _cmd_demo(args) -> None:
+    from nnunet_ext.demo.pipeline import DemoSettings, run_demo
+    device = args.device
+    if device is None:
+        import torch
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    run_demo(DemoSettings(root=args.root, dataset_id=args.id, budget=args.budget,
+                          iterations_per_epoch=args.iterations_per_epoch, device=device))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='nnunet-ext', description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog='Training, prediction and ensembling use the stock nnUNetv2_* commands '
+                                            '(-tr nnUNetTrainerGODC ...) after: eval "$(nnunet-ext env --root DIR)"')
+    parser.add_argument('--version', action='version', version=f'nnunet-ext {__version__}')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    p = sub.add_parser('env', help='print the shell exports nnU-Net needs (eval "$(nnunet-ext env --root DIR)")')
+    p.add_argument('--root', help='data root: sets nnUNet_raw/_preprocessed/_results to ROOT/nnUNet_raw etc. '
+                                  '(default: keep the variables already set)')
+    p.set_defaults(func=_cmd_env)
+
+    p = sub.add_parser('trainers', help='list the trainers this package provides')
+    p.set_defaults(func=_cmd_trainers)
+
+    p = sub.add_parser('planners', help='list the experiment planners this package provides')
+    p.set_defaults(func=_cmd_planners)
+
+    p = sub.add_parser('plan', help='fingerprint, plan with one of our planners (-pl) and preprocess',
+                       description='Like nnUNetv2_plan_and_preprocess, for planners that nnU-Net cannot find '
+                                   '(those of this package; nnU-Net\'s own names work too).')
+    p.add_argument('dataset_id', type=int)
+    p.add_argument('-pl', required=True, help='planner class name (see: nnunet-ext planners)')
+    p.add_argument('-c', nargs='+', default=['2d', '3d_fullres', '3d_lowres'], help='configurations to preprocess')
+    p.add_argument('-np', type=int, nargs='+', default=None, help='preprocessing processes (one, or one per -c)')
+    p.add_argument('-npfp', type=int, default=8, help='fingerprint extraction processes')
+    p.add_argument('-gpu_memory_target', type=float, default=None, help='GPU memory target in GB (planner default)')
+    p.add_argument('-overwrite_plans_name', default=None, help='custom plans identifier')
+    p.add_argument('--verify_dataset_integrity', action='store_true')
+    p.add_argument('--clean', action='store_true', help='re-extract the fingerprint')
+    p.add_argument('--no_pp', action='store_true', help='plan only, no preprocessing')
+    p.add_argument('--no_pbar', action='store_true')
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser('demo', help='phantom dataset: train nnUNetTrainer and nnUNetTrainerGODC, print Dice',
+                       description='Makes a synthetic 2D CT-like phantom dataset (liver + small tumours), plans and '
+                                   'preprocesses it, trains nnUNetTrainer and nnUNetTrainerGODC for the same number '
+                                   'of iterations, predicts 10 held-out cases and prints Dice per class.')
+    p.add_argument('--root', default='nnunet_ext_demo', help='data root (default: ./nnunet_ext_demo)')
+    p.add_argument('--budget', type=int, default=600, help='training iterations per trainer (default: 600, about 3 min each on 2 CPU cores)')
+    p.add_argument('--iterations-per-epoch', type=int, default=50, help='(default: 50)')
+    p.add_argument('--device', choices=['cpu', 'cuda', 'mps'], default=None, help='default: cuda if available')
+    p.add_argument('--id', type=int, default=990, help='dataset id of the phantom dataset (default: 990)')
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserInputError, EnvironmentSetupError, FileExistsError) as e:
+        print(f'nnunet-ext {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
