@@ -67,6 +67,7 @@ class GODCLoss(nn.Module):
         if self.apply_nonlin is not None:
             x = self.apply_nonlin(x)
         axes = tuple(range(2, x.ndim))
+        acc = torch.promote_types(x.dtype, torch.float32)  # sums in fp32 under AMP, fp64 for fp64 input
 
         with torch.no_grad():
             y_onehot = self._one_hot(x, y)
@@ -77,14 +78,14 @@ class GODCLoss(nn.Module):
                 y_onehot = y_onehot * loss_mask
             if not self.do_bg:
                 y_onehot = y_onehot[:, 1:]
-            sum_gt = y_onehot.sum(axes, dtype=torch.float32)
+            sum_gt = y_onehot.sum(axes, dtype=acc)
 
         if not self.do_bg:
             x = x[:, 1:]
         if loss_mask is not None:
             x = x * loss_mask
-        intersect = (x * y_onehot).sum(axes, dtype=torch.float32)
-        sum_pred = x.sum(axes, dtype=torch.float32)
+        intersect = (x * y_onehot).sum(axes, dtype=acc)
+        sum_pred = x.sum(axes, dtype=acc)
 
         dice = (2 * intersect + self.smooth) / (sum_pred + sum_gt + self.smooth).clamp_min(1e-8)
         weight = self._union_weight(sum_pred.detach() + sum_gt - intersect.detach())

@@ -1,0 +1,110 @@
+"""Median training-step time of our trainers relative to nnU-Net's own ``nnUNetTrainer``.
+
+Same process, same batches, same initial weights: each trainer is built by nnU-Net's own
+``get_trainer_from_args`` on a phantom dataset planned by nnU-Net, the batches come from the
+reference trainer's data loader, and the trainers' ``train_step`` calls (forward, loss, backward,
+optimizer step) are interleaved round by round, alternating the order, so drifts of the machine
+hit both alike. Prints one row per trainer and configuration with the ratio
+``median(trainer) / median(nnUNetTrainer)``.
+
+    python bench/step_time.py                              # 2d and 3d_fullres, nnUNetTrainerGODC
+    python bench/step_time.py -tr nnUNetTrainerGODC nnUNetTrainerGODCOnly --device cuda --rounds 50
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+SHAPES = {'2d': (96, 96), '3d_fullres': (24, 64, 64)}
+REFERENCE = 'nnUNetTrainer'
+
+
+def _setup_environment(root: str) -> None:
+    from nnunet_ext.environment import nnunet_environment
+    os.environ.update(nnunet_environment(root))
+    os.environ.setdefault('nnUNet_n_proc_DA', '1')  # planning needs >= 1
+
+
+def _prepare_dataset(dataset_id: int, configuration: str) -> None:
+    from nnunet_ext.demo.phantom import write_phantom_dataset
+    from nnunet_ext.planning import plan_and_preprocess
+    write_phantom_dataset(os.environ['nnUNet_raw'], dataset_id, f'Bench{configuration.replace("_", "")}',
+                          num_train=8, num_test=0, shape=SHAPES[configuration], progress=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        plan_and_preprocess(dataset_id, 'ExperimentPlanner', [configuration], [2], 2, progress=False)
+
+
+def _trainer(name: str, dataset_id: int, configuration: str, device):
+    from nnunetv2.run.run_training import get_trainer_from_args
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = get_trainer_from_args(str(dataset_id), configuration, 0, name, device=device)
+        trainer.initialize()
+    trainer.network.train()
+    return trainer
+
+
+def measure(dataset_id: int, configuration: str, trainer_names, device, rounds: int, warmup: int):
+    import torch
+    reference = _trainer(REFERENCE, dataset_id, configuration, device)
+    trainers = {REFERENCE: reference}
+    for name in trainer_names:
+        trainers[name] = _trainer(name, dataset_id, configuration, device)
+        trainers[name].network.load_state_dict(reference.network.state_dict())
+    os.environ['nnUNet_n_proc_DA'] = '0'
+    with contextlib.redirect_stdout(io.StringIO()):
+        loader, _ = reference.get_dataloaders()
+    batches = [next(loader) for _ in range(min(rounds + warmup, 16))]
+    times = {name: [] for name in trainers}
+    names = list(trainers)
+    for r in range(warmup + rounds):
+        batch = batches[r % len(batches)]
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainers[name].train_step(batch)  # ends with loss.cpu(): synchronises
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    info = dict(batch_size=reference.batch_size, patch_size=list(reference.configuration_manager.patch_size))
+    return {name: statistics.median(t) for name, t in times.items()}, info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('-tr', nargs='+', default=['nnUNetTrainerGODC'], help='trainers to compare with nnUNetTrainer')
+    parser.add_argument('-c', nargs='+', default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--rounds', type=int, default=20, help='timed steps per trainer')
+    parser.add_argument('--warmup', type=int, default=3)
+    args = parser.parse_args(argv)
+
+    import torch
+    import nnunetv2
+    device = torch.device(args.device)
+    print(f'# step time vs {REFERENCE}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+          f'device {device}{" " + torch.cuda.get_device_name() if device.type == "cuda" else ""}, '
+          f'torch {torch.__version__}, nnunetv2 {nnunetv2.__version__ if hasattr(nnunetv2, "__version__") else "2.8.1"}')
+    print(f'# command: python bench/{os.path.basename(__file__)} {" ".join(argv if argv is not None else sys.argv[1:])}')
+    print('| configuration | patch | batch | trainer | median step s | ratio vs nnUNetTrainer |')
+    print('|---|---|---|---|---|---|')
+    with tempfile.TemporaryDirectory() as root:
+        _setup_environment(root)
+        for i, configuration in enumerate(args.c):
+            dataset_id = 980 + i
+            _prepare_dataset(dataset_id, configuration)
+            medians, info = measure(dataset_id, configuration, args.tr, device, args.rounds, args.warmup)
+            for name, median in medians.items():
+                print(f'| {configuration} | {info["patch_size"]} | {info["batch_size"]} | {name} | {median:.4f} | '
+                      f'{median / medians[REFERENCE]:.3f} |', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Running the stock nnU-Net commands (and ours) in subprocesses, as a user's shell would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, Sequence
+
+BIN = os.path.dirname(sys.executable)  # the venv's console scripts (nnUNetv2_*, nnunet-ext)
+
+# test-sized training: read by our trainers only (nnunet_ext.training.schedule)
+SHORT_TRAINING = {'nnUNet_ext_num_epochs': '1', 'nnUNet_ext_num_iterations_per_epoch': '3',
+                  'nnUNet_ext_num_val_iterations_per_epoch': '2'}
+
+
+def user_environment(root: str) -> Dict[str, str]:
+    """The environment after ``eval "$(nnunet-ext env --root ROOT)"``, exactly as README says."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}
+    env['PATH'] = BIN + os.pathsep + env.get('PATH', '')
+    exports = run(['nnunet-ext', 'env', '--root', root], env).stdout
+    script = f'{exports}\nenv -0'
+    dumped = subprocess.run(['bash', '-c', script], env=env, capture_output=True, check=True).stdout
+    env = dict(item.split('=', 1) for item in dumped.decode().split('\0') if '=' in item)
+    env['nnUNet_def_n_proc'] = '2'  # validation/export processes on 2 cores
+    return env
+
+
+def run(cmd: Sequence[str], env: Dict[str, str], check: bool = True, timeout: float = 900,
+        cwd: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [os.path.join(BIN, cmd[0]) if os.path.exists(os.path.join(BIN, cmd[0])) else cmd[0], *cmd[1:]]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout (tail)\n"
+                             f"{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}")
+    return result

@@ -1,0 +1,117 @@
+"""``nnunet-ext`` commands and bad input through the stock nnU-Net commands."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from cli_helpers import SHORT_TRAINING, run, user_environment
+from nnunet_ext.demo.phantom import write_phantom_dataset
+from nnunet_ext.training.schedule import training_length_overrides
+
+EXPECTED_TRAINERS = {'nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCSquared'}
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    return user_environment(str(tmp_path_factory.mktemp('cli_root')))
+
+
+def test_env_prints_exports_and_creates_the_data_folders(tmp_path):
+    out = run(['nnunet-ext', 'env', '--root', str(tmp_path / 'data')], dict(os.environ)).stdout
+    exports = dict(re.findall(r'^export (\w+)=(.*)$', out, re.M))
+    for variable in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        assert exports[variable] == str(tmp_path / 'data' / variable)
+        assert os.path.isdir(exports[variable])
+    import nnunet_ext.trainers
+    assert exports['nnUNet_extTrainer'].split(os.pathsep)[0] == os.path.dirname(nnunet_ext.trainers.__file__)
+
+
+def test_env_keeps_existing_variables_and_other_trainer_folders(tmp_path):
+    environ = {**os.environ, 'nnUNet_raw': str(tmp_path / 'r'), 'nnUNet_preprocessed': str(tmp_path / 'p'),
+               'nnUNet_results': str(tmp_path / 'res'), 'nnUNet_extTrainer': '/somewhere/else'}
+    out = run(['nnunet-ext', 'env'], environ).stdout
+    assert f"export nnUNet_raw={tmp_path / 'r'}" in out
+    assert re.search(r"nnUNet_extTrainer=\S+trainers:/somewhere/else", out)
+
+
+@pytest.mark.parametrize('case', ['unwritable', 'unset'])
+def test_env_errors_are_clear(tmp_path, case):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}
+    if case == 'unwritable':
+        blocker = tmp_path / 'a_file'
+        blocker.write_text('')
+        result = run(['nnunet-ext', 'env', '--root', str(blocker / 'root')], environ, check=False)
+        assert 'cannot create nnUNet_raw folder' in result.stderr
+    else:
+        result = run(['nnunet-ext', 'env'], environ, check=False)
+        assert 'nnUNet_raw is not set' in result.stderr and '--root' in result.stderr
+    assert result.returncode == 2 and 'Traceback' not in result.stderr and result.stdout == ''
+
+
+def test_trainers_lists_every_trainer_and_nnunet_finds_each(env):
+    out = run(['nnunet-ext', 'trainers'], env).stdout
+    listed = {line.split()[0] for line in out.strip().splitlines()}
+    assert listed == EXPECTED_TRAINERS
+    assert all(len(line.split(None, 1)) == 2 for line in out.strip().splitlines())  # each has a description
+    code = ('from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n'
+            f'for n in {sorted(EXPECTED_TRAINERS)!r}: print(n, f(n).__mro__[1].__module__)')
+    found = run(['python', '-c', code], env).stdout
+    for name in EXPECTED_TRAINERS:
+        assert f'{name} nnunet_ext.training' in found
+
+
+def test_unknown_trainer_gives_nnunets_message(env):
+    result = run(['nnUNetv2_train', '1', '2d', '0', '-tr', 'nnUNetTrainerDoesNotExist', '-device', 'cpu'], env,
+                 check=False)
+    assert result.returncode != 0
+    assert 'Could not find requested nnunet trainer nnUNetTrainerDoesNotExist' in result.stderr
+    assert 'nnunet_ext' not in result.stderr.split('Traceback', 1)[-1].split('RuntimeError')[0]
+
+
+def test_missing_dataset_gives_nnunets_message_not_ours(env):
+    result = run(['nnUNetv2_train', '987', '2d', '0', '-tr', 'nnUNetTrainerGODC', '-device', 'cpu'], env,
+                 check=False)
+    assert result.returncode != 0
+    assert 'Could not find a dataset with the ID 987' in result.stderr
+    traceback = result.stderr.split('Traceback', 1)[-1]
+    assert '/nnunet_ext/' not in traceback and '/trainers/' not in traceback
+
+
+def test_plan_with_missing_dataset_or_unknown_planner(env):
+    result = run(['nnunet-ext', 'plan', '987', '-pl', 'nnUNetPlannerCPUTrial'], env, check=False)
+    assert result.returncode == 2 and 'Could not find a dataset with the ID 987' in result.stderr
+    assert 'Traceback' not in result.stderr
+    write_phantom_dataset(env['nnUNet_raw'], 988, 'PlanPhantom', num_train=4, num_test=0, shape=(32, 32),
+                          progress=False)
+    result = run(['nnunet-ext', 'plan', '988', '-pl', 'NoSuchPlanner'], env, check=False)
+    assert result.returncode == 2 and "unknown planner 'NoSuchPlanner'" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_plan_with_our_planner_then_train_with_its_plans(env):
+    write_phantom_dataset(env['nnUNet_raw'], 989, 'CPUPlanPhantom', num_train=6, num_test=0, shape=(64, 64),
+                          progress=False)
+    out = run(['nnunet-ext', 'plan', '989', '-pl', 'nnUNetPlannerCPUTrial', '-c', '2d', '-np', '1', '-npfp', '1',
+               '--no_pbar'], {**env, 'nnUNet_n_proc_DA': '1'}).stdout
+    assert 'plans written: nnUNetPlansCPUTrial' in out
+    folder = os.path.join(env['nnUNet_preprocessed'], 'Dataset989_CPUPlanPhantom')
+    plans = json.load(open(os.path.join(folder, 'nnUNetPlansCPUTrial.json')))
+    assert plans['plans_name'] == 'nnUNetPlansCPUTrial'
+    assert os.path.isdir(os.path.join(folder, plans['configurations']['2d']['data_identifier']))
+    run(['nnUNetv2_train', '989', '2d', '0', '-tr', 'nnUNetTrainerGODC', '-p', 'nnUNetPlansCPUTrial',
+         '-device', 'cpu'], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
+    assert os.path.isfile(os.path.join(env['nnUNet_results'], 'Dataset989_CPUPlanPhantom',
+                                       'nnUNetTrainerGODC__nnUNetPlansCPUTrial__2d', 'fold_0', 'checkpoint_final.pth'))
+
+
+def test_training_length_variables_are_validated():
+    assert training_length_overrides({'nnUNet_ext_num_epochs': '3', 'nnUNet_ext_num_iterations_per_epoch': ''}) \
+        == {'num_epochs': 3}
+    with pytest.raises(ValueError, match="nnUNet_ext_num_epochs='abc' is not an integer"):
+        training_length_overrides({'nnUNet_ext_num_epochs': 'abc'})
+    with pytest.raises(ValueError, match='must be >= 1'):
+        training_length_overrides({'nnUNet_ext_num_val_iterations_per_epoch': '0'})

@@ -1,0 +1,64 @@
+"""The README's commands: CI runs exactly its test command; the demo runs as documented."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from cli_helpers import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fenced_commands(text):
+    return [line.strip() for block in re.findall(r'```bash\n(.*?)```', text, re.S) for line in block.splitlines()
+            if line.strip() and not line.strip().startswith('#')]
+
+
+def test_readme_fresh_machine_commands_and_ci_agree():
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    commands = _fenced_commands(readme)
+    demo = next(c for c in commands if c.endswith('nnunet-ext demo'))
+    tests = next(c for c in commands if 'pytest' in c)
+    assert "pip install -e . " in demo
+    test_command = tests.split('&&')[-1].strip()
+    ci = open(os.path.join(ROOT, '.ci', 'run')).read()
+    assert "pip install --quiet -e '.[test]'" in ci and "pip install -e '.[test]'" in tests
+    assert re.search(rf'^{re.escape(test_command)}$', ci, re.M), f'.ci/run must run {test_command!r}'
+
+
+def test_readme_trainer_table_matches_the_package():
+    from nnunet_ext.registry import trainer_classes
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    listed = set(re.findall(r'^\| `(nnUNetTrainer\w+)` \|', readme, re.M))
+    assert listed == set(trainer_classes())
+
+
+@pytest.mark.cli
+def test_demo_runs_and_prints_the_dice_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}
+    result = run(['nnunet-ext', 'demo', '--root', str(tmp_path / 'demo'), '--budget', '4',
+                  '--iterations-per-epoch', '2', '--device', 'cpu'], env, cwd=str(tmp_path))
+    assert re.search(r'^\| trainer +\| epochs \| iterations \| train s \| Dice liver \| Dice tumour \| mean', result.stdout,
+                     re.M), result.stdout
+    rows = re.findall(r'^\| (nnUNetTrainer\w*) +\| 2 +\| 4 ', result.stdout, re.M)
+    assert rows == ['nnUNetTrainer', 'nnUNetTrainerGODC']
+    saved = json.load(open(tmp_path / 'demo' / 'demo' / 'results.json'))
+    for entry in saved['results']:
+        assert set(entry['dice']) == {'liver', 'tumour'}
+        assert all(0.0 <= d <= 1.0 for d in entry['dice'].values())
+    # a second run replaces the first one's dataset instead of failing
+    run(['nnunet-ext', 'demo', '--root', str(tmp_path / 'demo'), '--budget', '1', '--iterations-per-epoch', '1',
+         '--device', 'cpu'], env, cwd=str(tmp_path))
+
+
+def test_demo_refuses_a_dataset_id_taken_by_another_dataset(tmp_path):
+    root = tmp_path / 'demo'
+    os.makedirs(root / 'nnUNet_raw' / 'Dataset990_SomethingElse')
+    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}
+    result = run(['nnunet-ext', 'demo', '--root', str(root), '--device', 'cpu'], env, check=False)
+    assert result.returncode == 2
+    assert 'dataset id 990 is taken by' in result.stderr and '--id' in result.stderr
+    assert os.listdir(root / 'nnUNet_raw') == ['Dataset990_SomethingElse']

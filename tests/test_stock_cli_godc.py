@@ -1,0 +1,111 @@
+"""GODC trainers through the stock nnU-Net command line, as the README tells users to run them:
+plan_and_preprocess -> train (--npz, then --c) -> find_best_configuration -> predict -> ensemble,
+on tiny 2D and 3D phantom datasets."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cli_helpers import SHORT_TRAINING, run, user_environment
+from nnunet_ext.demo.phantom import write_phantom_dataset
+
+pytestmark = pytest.mark.cli
+
+CASES = {  # configuration -> (dataset id, phantom shape)
+    '2d': (201, (48, 48)),
+    '3d_fullres': (202, (12, 32, 32)),
+}
+TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly')
+
+
+@pytest.fixture(scope='module', params=sorted(CASES))
+def pipeline(request, tmp_path_factory):
+    """Runs the whole stock pipeline once per configuration; tests check its products."""
+    configuration = request.param
+    dataset_id, shape = CASES[configuration]
+    root = str(tmp_path_factory.mktemp(f'root_{configuration}'))
+    env = user_environment(root)
+    write_phantom_dataset(env['nnUNet_raw'], dataset_id, 'TinyPhantom', num_train=6, num_test=2, shape=shape,
+                          seed=dataset_id, progress=False)
+    dataset = f'Dataset{dataset_id:03d}_TinyPhantom'
+    plan_env = {**env, 'nnUNet_n_proc_DA': '1'}
+    run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '--verify_dataset_integrity', '-c', configuration,
+         '-np', '2', '-npfp', '2'], plan_env)
+
+    train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
+    logs = {}
+    for trainer in TRAINERS:
+        logs[trainer] = run(['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer,
+                             '-device', 'cpu', '--npz'], train_env).stdout
+    # continue the GODC run for one more epoch (--c picks up checkpoint_final)
+    continued = run(['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', TRAINERS[0], '-device', 'cpu',
+                     '--npz', '--c'], {**train_env, 'nnUNet_ext_num_epochs': '2'}).stdout
+
+    run(['nnUNetv2_find_best_configuration', str(dataset_id), '-c', configuration, '-tr', *TRAINERS, '-f', '0',
+         '-np', '2'], env)
+
+    images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
+    predictions = {}
+    for trainer in TRAINERS:
+        out = os.path.join(root, f'pred_{trainer}')
+        run(['nnUNetv2_predict', '-i', images, '-o', out, '-d', str(dataset_id), '-c', configuration, '-tr', trainer,
+             '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities'], env)
+        predictions[trainer] = out
+    ensemble = os.path.join(root, 'ensemble')
+    run(['nnUNetv2_ensemble', '-i', *predictions.values(), '-o', ensemble, '-np', '1'], env)
+    return dict(configuration=configuration, env=env, root=root, dataset=dataset, dataset_id=dataset_id,
+                logs=logs, continued=continued, predictions=predictions, ensemble=ensemble, images=images)
+
+
+def _results_folder(p, trainer):
+    return os.path.join(p['env']['nnUNet_results'], p['dataset'], f"{trainer}__nnUNetPlans__{p['configuration']}")
+
+
+def test_trainers_are_found_and_use_the_short_schedule(pipeline):
+    for trainer, log in pipeline['logs'].items():
+        assert 'training length from environment' in log, trainer
+        checkpoint = torch.load(os.path.join(_results_folder(pipeline, trainer), 'fold_0', 'checkpoint_final.pth'),
+                                map_location='cpu', weights_only=False)
+        assert checkpoint['trainer_name'] == trainer
+        assert checkpoint['init_args']['configuration'] == pipeline['configuration']
+
+
+def test_continue_training_resumes_from_the_final_checkpoint(pipeline):
+    folder = os.path.join(_results_folder(pipeline, TRAINERS[0]), 'fold_0')
+    checkpoint = torch.load(os.path.join(folder, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
+    assert checkpoint['current_epoch'] == 2  # 1 epoch, then 1 more after --c
+    assert 'Epoch 1' in pipeline['continued'] and 'Epoch 0' not in pipeline['continued']
+
+
+def test_validation_with_npz_and_find_best_configuration(pipeline):
+    for trainer in TRAINERS:
+        validation = os.path.join(_results_folder(pipeline, trainer), 'fold_0', 'validation')
+        assert glob.glob(os.path.join(validation, '*.npz')), f'{trainer}: --npz wrote no probabilities'
+        assert os.path.isfile(os.path.join(validation, 'summary.json'))
+    instructions = os.path.join(pipeline['env']['nnUNet_results'], pipeline['dataset'], 'inference_instructions.txt')
+    assert os.path.isfile(instructions)
+    assert 'nnUNetTrainerGODC' in open(instructions).read()
+
+
+def _label_arrays(folder):
+    files = sorted(glob.glob(os.path.join(folder, '*.nii.gz')))
+    return {os.path.basename(f): sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in files}
+
+
+def test_predictions_and_ensemble_are_label_maps_of_the_input_geometry(pipeline):
+    images = sorted(glob.glob(os.path.join(pipeline['images'], '*_0000.nii.gz')))
+    assert len(images) == 2
+    for folder in [*pipeline['predictions'].values(), pipeline['ensemble']]:
+        labels = _label_arrays(folder)
+        assert sorted(labels) == sorted(os.path.basename(i).replace('_0000', '') for i in images), folder
+        for name, array in labels.items():
+            reference = sitk.ReadImage(os.path.join(pipeline['images'], name.replace('.nii.gz', '_0000.nii.gz')))
+            assert array.shape == sitk.GetArrayFromImage(reference).shape
+            assert set(np.unique(array)) <= {0, 1, 2}
+    for folder in pipeline['predictions'].values():
+        assert len(glob.glob(os.path.join(folder, '*.npz'))) == 2  # --save_probabilities, needed by the ensemble
