@@ -57,10 +57,14 @@ def measure(dataset_id: int, configuration: str, trainer_names, device, rounds: 
     for name in trainer_names:
         trainers[name] = _trainer(name, dataset_id, configuration, device)
         trainers[name].network.load_state_dict(reference.network.state_dict())
-    os.environ['nnUNet_n_proc_DA'] = '0'
-    with contextlib.redirect_stdout(io.StringIO()):
-        loader, _ = reference.get_dataloaders()
-    batches = [next(loader) for _ in range(min(rounds + warmup, 16))]
+    planning_value = os.environ['nnUNet_n_proc_DA']
+    os.environ['nnUNet_n_proc_DA'] = '0'  # batches made in this process, up front
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            loader, _ = reference.get_dataloaders()
+        batches = [next(loader) for _ in range(min(rounds + warmup, 16))]
+    finally:
+        os.environ['nnUNet_n_proc_DA'] = planning_value  # the planner fails with 0
     times = {name: [] for name in trainers}
     names = list(trainers)
     for r in range(warmup + rounds):
@@ -85,8 +89,10 @@ def main(argv=None) -> int:
     parser.add_argument('--warmup', type=int, default=3)
     args = parser.parse_args(argv)
 
+    import warnings
     import torch
     import nnunetv2
+    warnings.filterwarnings('ignore', category=FutureWarning)
     device = torch.device(args.device)
     print(f'# step time vs {REFERENCE}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'device {device}{" " + torch.cuda.get_device_name() if device.type == "cuda" else ""}, '
