@@ -49,9 +49,17 @@ def test_demo_runs_and_prints_the_dice_table(tmp_path):
     for entry in saved['results']:
         assert set(entry['dice']) == {'liver', 'tumour'}
         assert all(0.0 <= d <= 1.0 for d in entry['dice'].values())
-    # a second run replaces the first one's dataset instead of failing
-    run(['nnunet-ext', 'demo', '--root', str(tmp_path / 'demo'), '--budget', '1', '--iterations-per-epoch', '1',
-         '--device', 'cpu'], env, cwd=str(tmp_path))
+
+
+def test_a_new_demo_run_replaces_the_previous_demo_dataset(tmp_path, monkeypatch):
+    from nnunet_ext.demo.pipeline import _remove_previous_demo
+    for variable in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        os.makedirs(tmp_path / variable / 'Dataset990_DemoPhantom' / 'x')
+        os.makedirs(tmp_path / variable / 'Dataset991_Other')
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    _remove_previous_demo(990)
+    for variable in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        assert os.listdir(tmp_path / variable) == ['Dataset991_Other']
 
 
 def test_demo_refuses_a_dataset_id_taken_by_another_dataset(tmp_path):

@@ -47,7 +47,7 @@ class GODCLoss(nn.Module):
     def __init__(self, apply_nonlin: Optional[Callable] = None, do_bg: bool = True, smooth: float = 1e-5,
                  exponent: float = 1.0, ddp: bool = True, eps: float = 1e-8):
         super().__init__()
-        if exponent < 0:
+        if not exponent >= 0:  # also refuses NaN
             raise ValueError(f"GODC exponent must be >= 0 (1: paper, 2: aggressive variant), got {exponent}")
         if smooth < 0:
             raise ValueError(f"smooth must be >= 0, got {smooth}")
@@ -64,13 +64,15 @@ class GODCLoss(nn.Module):
         *spatial), 1 where the loss counts (nnU-Net's ignore-label mask)."""
         if x.ndim < 3:
             raise ValueError(f"GODCLoss expects (B, C, *spatial) input, got shape {tuple(x.shape)}")
+        if not self.do_bg and x.shape[1] < 2:
+            raise ValueError(f"do_bg=False drops channel 0 and leaves no class of the {x.shape[1]}-channel input")
         if self.apply_nonlin is not None:
             x = self.apply_nonlin(x)
         axes = tuple(range(2, x.ndim))
         acc = torch.promote_types(x.dtype, torch.float32)  # sums in fp32 under AMP, fp64 for fp64 input
 
         with torch.no_grad():
-            y_onehot = self._one_hot(x, y)
+            y_onehot = self._one_hot(x, y, acc)
             if loss_mask is not None:
                 if loss_mask.shape[0] != x.shape[0] or loss_mask.shape[2:] != x.shape[2:] or loss_mask.shape[1] != 1:
                     raise ValueError(f"loss_mask must have shape (B, 1, *spatial) = {(x.shape[0], 1, *x.shape[2:])}, "
@@ -92,26 +94,27 @@ class GODCLoss(nn.Module):
         return ((1 - dice) * weight).mean()
 
     @staticmethod
-    def _one_hot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _one_hot(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if y.ndim == x.ndim - 1:
             y = y.unsqueeze(1)
         if y.shape == x.shape:
-            return y.to(torch.float32)
+            return y.to(dtype)
         if y.ndim != x.ndim or y.shape[1] != 1 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
             raise ValueError(f"target shape {tuple(y.shape)} does not match prediction {tuple(x.shape)}: expected a "
                              f"label map (B, 1, *spatial) or a one-hot target of the prediction's shape")
-        y_onehot = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        y_onehot = torch.zeros(x.shape, device=x.device, dtype=dtype)
         y_onehot.scatter_(1, y.long(), 1)
         return y_onehot
 
     def _union_weight(self, union: torch.Tensor) -> torch.Tensor:
         """``stopgrad(U_bc / mean_b U_bc) ** p`` for a (B, C) tensor of unions."""
-        total = union.sum(0)
-        count = torch.tensor(float(union.shape[0]), device=union.device)
         if self.ddp and dist.is_available() and dist.is_initialized():
-            total = total.clone()
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-        mean = (total / count).clamp_min(self.eps)
+            # one all-reduce of [sum of unions per class, number of samples]: ranks may hold different batch sizes
+            stats = torch.cat([union.sum(0), union.new_tensor([union.shape[0]])])
+            dist.all_reduce(stats)
+            mean = stats[:-1] / stats[-1]
+        else:
+            mean = union.mean(0)
+        mean = mean.clamp_min(self.eps)
         weight = union / mean
         return weight if self.exponent == 1 else weight.pow(self.exponent)
