@@ -58,10 +58,12 @@ def _cmd_plan(args) -> None:
 
 def _cmd_demo(args) -> None:
     from nnunet_ext.demo.pipeline import DemoSettings, run_demo
-    device = args.device
-    if device is None:
-        import torch
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    import torch
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
+    if device == 'mps' and not torch.backends.mps.is_available():
+        raise UserInputError("--device mps: PyTorch sees no MPS device here; use --device cpu")
     run_demo(DemoSettings(root=args.root, dataset_id=args.id, budget=args.budget,
                           iterations_per_epoch=args.iterations_per_epoch, device=device))
 

@@ -70,3 +70,13 @@ def test_demo_refuses_a_dataset_id_taken_by_another_dataset(tmp_path):
     assert result.returncode == 2
     assert 'dataset id 990 is taken by' in result.stderr and '--id' in result.stderr
     assert os.listdir(root / 'nnUNet_raw') == ['Dataset990_SomethingElse']
+
+
+def test_demo_on_a_missing_gpu_says_so(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA GPU is present')
+    result = run(['nnunet-ext', 'demo', '--root', str(tmp_path / 'demo'), '--device', 'cuda'], dict(os.environ),
+                 check=False)
+    assert result.returncode == 2 and 'PyTorch sees no CUDA GPU' in result.stderr
+    assert not os.path.exists(tmp_path / 'demo')
