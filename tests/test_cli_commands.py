@@ -12,7 +12,8 @@ from cli_helpers import SHORT_TRAINING, run, user_environment
 from nnunet_ext.demo.phantom import write_phantom_dataset
 from nnunet_ext.training.schedule import training_length_overrides
 
-EXPECTED_TRAINERS = {'nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCSquared'}
+EXPECTED_TRAINERS = {'nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCSquared', 'nnUNetTrainerLFAM',
+                     'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc'}
 
 
 @pytest.fixture(scope='module')

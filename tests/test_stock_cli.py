@@ -1,6 +1,7 @@
-"""GODC trainers through the stock nnU-Net command line, as the README tells users to run them:
-plan_and_preprocess -> train (--npz, then --c) -> find_best_configuration -> predict -> ensemble,
-on tiny 2D and 3D phantom datasets."""
+"""Our trainers through the stock nnU-Net command line, as the README tells users to run them, on
+tiny 2D and 3D phantom datasets: plan_and_preprocess -> train (--npz, then --c) ->
+find_best_configuration -> predict -> ensemble for the GODC trainers; train -> predict for the
+LFAM trainers (the predictor rebuilds their network and loads the weights strictly)."""
 from __future__ import annotations
 
 import glob
@@ -20,7 +21,9 @@ CASES = {  # configuration -> (dataset id, phantom shape)
     '2d': (201, (48, 48)),
     '3d_fullres': (202, (12, 32, 32)),
 }
-TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly')
+TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly')  # ensembled
+ARCHITECTURE_TRAINERS = {'2d': ('nnUNetTrainerLFAM', 'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc'),
+                         '3d_fullres': ('nnUNetTrainerLFAM', 'nnUNetTrainerGODCLFAM')}
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
@@ -39,7 +42,7 @@ def pipeline(request, tmp_path_factory):
 
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
     logs = {}
-    for trainer in TRAINERS:
+    for trainer in TRAINERS + ARCHITECTURE_TRAINERS[configuration]:
         logs[trainer] = run(['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer,
                              '-device', 'cpu', '--npz'], train_env).stdout
     # continue the GODC run for one more epoch (--c picks up checkpoint_final)
@@ -56,8 +59,13 @@ def pipeline(request, tmp_path_factory):
         run(['nnUNetv2_predict', '-i', images, '-o', out, '-d', str(dataset_id), '-c', configuration, '-tr', trainer,
              '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities'], env)
         predictions[trainer] = out
+    for trainer in ARCHITECTURE_TRAINERS[configuration]:
+        out = os.path.join(root, f'pred_{trainer}')
+        run(['nnUNetv2_predict', '-i', images, '-o', out, '-d', str(dataset_id), '-c', configuration, '-tr', trainer,
+             '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'], env)
+        predictions[trainer] = out
     ensemble = os.path.join(root, 'ensemble')
-    run(['nnUNetv2_ensemble', '-i', *predictions.values(), '-o', ensemble, '-np', '1'], env)
+    run(['nnUNetv2_ensemble', '-i', *(predictions[t] for t in TRAINERS), '-o', ensemble, '-np', '1'], env)
     return dict(configuration=configuration, env=env, root=root, dataset=dataset, dataset_id=dataset_id,
                 logs=logs, continued=continued, predictions=predictions, ensemble=ensemble, images=images)
 
@@ -107,5 +115,17 @@ def test_predictions_and_ensemble_are_label_maps_of_the_input_geometry(pipeline)
             reference = sitk.ReadImage(os.path.join(pipeline['images'], name.replace('.nii.gz', '_0000.nii.gz')))
             assert array.shape == sitk.GetArrayFromImage(reference).shape
             assert set(np.unique(array)) <= {0, 1, 2}
-    for folder in pipeline['predictions'].values():
+    for trainer in TRAINERS:
+        folder = pipeline['predictions'][trainer]
         assert len(glob.glob(os.path.join(folder, '*.npz'))) == 2  # --save_probabilities, needed by the ensemble
+
+
+def test_lfam_networks_are_trained_and_rebuilt_for_prediction(pipeline):
+    for trainer in ARCHITECTURE_TRAINERS[pipeline['configuration']]:
+        folder = os.path.join(_results_folder(pipeline, trainer), 'fold_0')
+        weights = torch.load(os.path.join(folder, 'checkpoint_final.pth'), map_location='cpu',
+                             weights_only=False)['network_weights']
+        assert any(k.startswith('decoder.alignments.') and 'offset_predictor' in k for k in weights), trainer
+        if trainer.endswith('ResEnc'):
+            assert any(k.startswith('encoder.stem.') for k in weights)  # residual encoder
+        assert pipeline['predictions'][trainer]  # predicted above: strict state-dict load succeeded

@@ -1,0 +1,114 @@
+"""U-Nets with a lateral feature alignment module (LFAM, GODC/LFAM paper Fig. 2) on every skip.
+
+They are nnU-Net's own networks (dynamic-network-architectures' ``PlainConvUNet`` and
+``ResidualEncoderUNet``: same encoder, same decoder blocks, same plans keywords) whose decoder
+aligns each encoder skip to the up-sampled decoder feature before concatenating them. So they
+follow any plans topology (2D/3D, any number of stages, anisotropic kernels and strides) and keep
+nnU-Net's deep-supervision contract. Extra keywords: ``lfam_offset_groups``, ``lfam_modulated``.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List
+
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from torch import nn
+
+from nnunet_ext.nn.deformable_conv import DeformableConv
+from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment
+
+
+class LFAMUNetDecoder(UNetDecoder):
+    """nnU-Net's ``UNetDecoder`` with ``LateralFeatureAlignment`` applied to each skip, one independent
+    module per resolution level (the paper's better-performing "independent kernels" setting)."""
+
+    def __init__(self, encoder, num_classes: int, n_conv_per_stage, deep_supervision: bool,
+                 nonlin_first: bool = False, lfam_offset_groups: int = 1, lfam_modulated: bool = True):
+        super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
+        n_stages = len(encoder.output_channels)
+        self.alignments = nn.ModuleList([
+            LateralFeatureAlignment(encoder.output_channels[-(s + 1)], encoder.output_channels[-(s + 1)],
+                                    encoder.conv_op, encoder.kernel_sizes[-(s + 1)], lfam_offset_groups,
+                                    lfam_modulated)
+            for s in range(1, n_stages)])
+
+    def forward(self, skips: List[torch.Tensor]):
+        """As ``UNetDecoder.forward``, with ``skip -> LFAM(skip, up)`` before the concatenation."""
+        lres_input = skips[-1]
+        seg_outputs = []
+        for s in range(len(self.stages)):
+            up = self.transpconvs[s](lres_input)
+            x = torch.cat((up, self.alignments[s](skips[-(s + 2)], up)), 1)
+            x = self.stages[s](x)
+            if self.deep_supervision:
+                seg_outputs.append(self.seg_layers[s](x))
+            elif s == len(self.stages) - 1:
+                seg_outputs.append(self.seg_layers[-1](x))
+            lres_input = x
+        seg_outputs = seg_outputs[::-1]  # highest resolution first
+        return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+    def compute_conv_feature_map_size(self, input_size):
+        """nnU-Net's estimate plus, per level, the offset/mask prediction, the sampled
+        (im2col) tensor of the deformable convolution and its output."""
+        total = super().compute_conv_feature_map_size(input_size)
+        size = list(input_size)
+        level_sizes = []
+        for stride in self.encoder.strides:
+            size = [i // j for i, j in zip(size, stride)]
+            level_sizes.append(size)
+        for s, alignment in enumerate(self.alignments):
+            voxels = int(torch.tensor(level_sizes[-(s + 2)]).prod())
+            channels = alignment.deform.in_channels
+            predicted = alignment.offset_predictor.out_channels
+            total += voxels * (predicted + channels * alignment.deform.kernel_numel + channels)
+        return total
+
+
+def _lfam_initialize(module: nn.Module) -> None:
+    """After nnU-Net's He initialisation: He-initialise deformable kernels like the other convs and
+    re-zero the offset predictors (``Module.apply`` visits children first)."""
+    if isinstance(module, DeformableConv):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    if isinstance(module, LateralFeatureAlignment):
+        module.reset_offset_predictor()
+
+
+def _with_lfam_decoder(network, base_class, args, kwargs, lfam_offset_groups, lfam_modulated) -> None:
+    bound = inspect.signature(base_class.__init__).bind(network, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    network.decoder = LFAMUNetDecoder(network.encoder, a['num_classes'], a['n_conv_per_stage_decoder'],
+                                      a['deep_supervision'], nonlin_first=a.get('nonlin_first', False),
+                                      lfam_offset_groups=lfam_offset_groups, lfam_modulated=lfam_modulated)
+
+
+class LFAMPlainConvUNet(PlainConvUNet):
+    """``PlainConvUNet`` (nnU-Net's default network) with LFAM on every skip connection."""
+
+    def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        _with_lfam_decoder(self, PlainConvUNet, args, kwargs, lfam_offset_groups, lfam_modulated)
+
+    @staticmethod
+    def initialize(module):
+        PlainConvUNet.initialize(module)
+        _lfam_initialize(module)
+
+
+class LFAMResidualEncoderUNet(ResidualEncoderUNet):
+    """``ResidualEncoderUNet`` (nnU-Net's ResEnc network; the paper's "Residual U-Net" row) with LFAM
+    on every skip connection."""
+
+    def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        _with_lfam_decoder(self, ResidualEncoderUNet, args, kwargs, lfam_offset_groups, lfam_modulated)
+
+    @staticmethod
+    def initialize(module):
+        ResidualEncoderUNet.initialize(module)
+        _lfam_initialize(module)
