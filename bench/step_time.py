@@ -1,6 +1,6 @@
 """Median training-step time of our trainers relative to nnU-Net's own ``nnUNetTrainer``.
 
-Same process, same batches, same initial weights: each trainer is built by nnU-Net's own
+Same process, same batches, same initial weights (where the networks share them): each trainer is built by nnU-Net's own
 ``get_trainer_from_args`` on a phantom dataset planned by nnU-Net, the batches come from the
 reference trainer's data loader, and the trainers' ``train_step`` calls (forward, loss, backward,
 optimizer step) are interleaved round by round, alternating the order, so drifts of the machine
@@ -56,7 +56,9 @@ def measure(dataset_id: int, configuration: str, trainer_names, device, rounds: 
     trainers = {REFERENCE: reference}
     for name in trainer_names:
         trainers[name] = _trainer(name, dataset_id, configuration, device)
-        trainers[name].network.load_state_dict(reference.network.state_dict())
+        reference_weights = reference.network.state_dict()
+        if set(reference_weights) <= set(trainers[name].network.state_dict()):  # same network (+ extra modules)
+            trainers[name].network.load_state_dict(reference_weights, strict=False)
     planning_value = os.environ['nnUNet_n_proc_DA']
     os.environ['nnUNet_n_proc_DA'] = '0'  # batches made in this process, up front
     try:
