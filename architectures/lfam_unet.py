@@ -4,7 +4,9 @@ They are nnU-Net's own networks (dynamic-network-architectures' ``PlainConvUNet`
 ``ResidualEncoderUNet``: same encoder, same decoder blocks, same plans keywords) whose decoder
 aligns each encoder skip to the up-sampled decoder feature before concatenating them. So they
 follow any plans topology (2D/3D, any number of stages, anisotropic kernels and strides) and keep
-nnU-Net's deep-supervision contract. Extra keywords: ``lfam_offset_groups``, ``lfam_modulated``.
+nnU-Net's deep-supervision contract. Extra keywords: ``lfam_offset_groups``, ``lfam_modulated``,
+``lfam_shared`` (one deformable kernel bank for all levels, the paper's "Conv. shared" ablation;
+see ``SharedKernelSlice``).
 """
 from __future__ import annotations
 
@@ -17,22 +19,31 @@ from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecod
 from torch import nn
 
 from nnunet_ext.nn.deformable_conv import DeformableConv
-from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment
+from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment, SharedKernelSlice
 
 
 class LFAMUNetDecoder(UNetDecoder):
-    """nnU-Net's ``UNetDecoder`` with ``LateralFeatureAlignment`` applied to each skip, one independent
-    module per resolution level (the paper's better-performing "independent kernels" setting)."""
+    """nnU-Net's ``UNetDecoder`` with ``LateralFeatureAlignment`` applied to each skip: one independent
+    module per resolution level by default (the paper's better setting, Table II); with
+    ``lfam_shared`` the levels share one deformable kernel bank (offset predictors stay per level)."""
 
     def __init__(self, encoder, num_classes: int, n_conv_per_stage, deep_supervision: bool,
-                 nonlin_first: bool = False, lfam_offset_groups: int = 1, lfam_modulated: bool = True):
+                 nonlin_first: bool = False, lfam_offset_groups: int = 1, lfam_modulated: bool = True,
+                 lfam_shared: bool = False):
         super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision, nonlin_first=nonlin_first)
-        n_stages = len(encoder.output_channels)
-        self.alignments = nn.ModuleList([
-            LateralFeatureAlignment(encoder.output_channels[-(s + 1)], encoder.output_channels[-(s + 1)],
-                                    encoder.conv_op, encoder.kernel_sizes[-(s + 1)], lfam_offset_groups,
-                                    lfam_modulated)
-            for s in range(1, n_stages)])
+        levels = range(len(encoder.output_channels) - 1)  # skip of stage s, s = 0 .. n_stages - 2
+        kernels = {s: tuple(encoder.kernel_sizes[s]) for s in levels}
+        shared = {}
+        if lfam_shared:
+            bank = DeformableConv(max(encoder.output_channels[s] for s in levels),
+                                  max(encoder.output_channels[s] for s in levels),
+                                  tuple(max(k) for k in zip(*kernels.values())), offset_groups=lfam_offset_groups,
+                                  ndim=len(kernels[0]))
+            shared = {s: SharedKernelSlice(bank, encoder.output_channels[s], kernels[s]) for s in levels}
+        self.alignments = nn.ModuleList([  # decoder order: deepest skip first
+            LateralFeatureAlignment(encoder.output_channels[s], encoder.output_channels[s], encoder.conv_op,
+                                    kernels[s], lfam_offset_groups, lfam_modulated, shared.get(s))
+            for s in reversed(levels)])
 
     def forward(self, skips: List[torch.Tensor]):
         """As ``UNetDecoder.forward``, with ``skip -> LFAM(skip, up)`` before the concatenation."""
@@ -78,21 +89,23 @@ def _lfam_initialize(module: nn.Module) -> None:
         module.reset_offset_predictor()
 
 
-def _with_lfam_decoder(network, base_class, args, kwargs, lfam_offset_groups, lfam_modulated) -> None:
+def _with_lfam_decoder(network, base_class, args, kwargs, lfam_kwargs) -> None:
     bound = inspect.signature(base_class.__init__).bind(network, *args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
     network.decoder = LFAMUNetDecoder(network.encoder, a['num_classes'], a['n_conv_per_stage_decoder'],
                                       a['deep_supervision'], nonlin_first=a.get('nonlin_first', False),
-                                      lfam_offset_groups=lfam_offset_groups, lfam_modulated=lfam_modulated)
+                                      **lfam_kwargs)
 
 
 class LFAMPlainConvUNet(PlainConvUNet):
     """``PlainConvUNet`` (nnU-Net's default network) with LFAM on every skip connection."""
 
-    def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, **kwargs):
+    def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, lfam_shared: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        _with_lfam_decoder(self, PlainConvUNet, args, kwargs, lfam_offset_groups, lfam_modulated)
+        _with_lfam_decoder(self, PlainConvUNet, args, kwargs, dict(lfam_offset_groups=lfam_offset_groups,
+                                                             lfam_modulated=lfam_modulated, lfam_shared=lfam_shared))
 
     @staticmethod
     def initialize(module):
@@ -104,9 +117,11 @@ class LFAMResidualEncoderUNet(ResidualEncoderUNet):
     """``ResidualEncoderUNet`` (nnU-Net's ResEnc network; the paper's "Residual U-Net" row) with LFAM
     on every skip connection."""
 
-    def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, **kwargs):
+    def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, lfam_shared: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        _with_lfam_decoder(self, ResidualEncoderUNet, args, kwargs, lfam_offset_groups, lfam_modulated)
+        _with_lfam_decoder(self, ResidualEncoderUNet, args, kwargs, dict(lfam_offset_groups=lfam_offset_groups,
+                                                             lfam_modulated=lfam_modulated, lfam_shared=lfam_shared))
 
     @staticmethod
     def initialize(module):

@@ -13,7 +13,7 @@ from nnunet_ext.demo.phantom import write_phantom_dataset
 from nnunet_ext.training.schedule import training_length_overrides
 
 EXPECTED_TRAINERS = {'nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCSquared', 'nnUNetTrainerLFAM',
-                     'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc'}
+                     'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc', 'nnUNetTrainerLFAMShared'}
 
 
 @pytest.fixture(scope='module')

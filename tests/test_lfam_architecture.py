@@ -8,6 +8,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from torch import nn
 
 from nnunet_ext.architectures.lfam_unet import LFAMPlainConvUNet, LFAMResidualEncoderUNet
+from nnunet_ext.nn.deformable_conv import DeformableConv
 from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment
 from nnunet_ext.training.architecture_mixins import residual_encoder_kwargs
 
@@ -83,3 +84,30 @@ def test_residual_encoder_kwargs_use_nnunets_resenc_blocks():
     kwargs = residual_encoder_kwargs(plain_kwargs(2))
     assert kwargs['n_blocks_per_stage'] == (1, 3, 4, 6)
     assert 'n_conv_per_stage' not in kwargs and 'nonlin_first' not in kwargs
+
+
+def test_shared_levels_use_slices_of_one_kernel_bank():
+    torch.manual_seed(0)
+    kwargs = plain_kwargs(3)
+    net = LFAMPlainConvUNet(**kwargs, lfam_shared=True)
+    net.apply(net.initialize)
+    independent = LFAMPlainConvUNet(**kwargs)
+    unique = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    banks = {id(a.deform.bank) for a in net.decoder.alignments}
+    assert len(banks) == 1
+    bank = net.decoder.alignments[0].deform.bank
+    assert bank.in_channels == max(kwargs['features_per_stage'][:-1]) and bank.kernel_size == (3, 3, 3)
+    assert unique(net) < unique(independent)
+    # level with 4 channels and kernel (1, 3, 3): the leading 4x4 block, the central kernel slice
+    top = net.decoder.alignments[-1]
+    assert top.deform.kernel_size == (1, 3, 3) and top.deform.in_channels == 4
+    reference = DeformableConv(4, 4, (1, 3, 3), padding=(0, 1, 1), ndim=3)
+    with torch.no_grad():
+        reference.weight.copy_(bank.weight[:4, :4, 1:2])
+        reference.bias.copy_(bank.bias[:4])
+    x, offset = torch.randn(1, 4, 3, 6, 6), 0.3 * torch.randn(1, 27, 3, 6, 6)
+    mask = torch.rand(1, 9, 3, 6, 6)
+    torch.testing.assert_close(top.deform(x, offset, mask), reference(x, offset, mask))
+    # every level trains the bank
+    net(torch.randn(1, 2, 4, 16, 16))[0].sum().backward()
+    assert bank.weight.grad[:4, :4, 1].abs().sum() > 0 and bank.weight.grad[:, :, 0].abs().sum() > 0

@@ -16,3 +16,9 @@ class nnUNetTrainerLFAMResEnc(TrainingLengthFromEnvMixin, LFAMArchitectureMixin,
     """Residual-encoder U-Net (nnU-Net ResEnc blocks) with LFAM on every skip; Dice+CE loss."""
 
     lfam_residual_encoder = True
+
+
+class nnUNetTrainerLFAMShared(TrainingLengthFromEnvMixin, LFAMArchitectureMixin, nnUNetTrainer):
+    """LFAM with one deformable kernel bank shared by all levels (the paper's "Conv. shared" ablation)."""
+
+    lfam_shared = True

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import nn
 
-from nnunet_ext.nn.deformable_conv import DeformableConv
+from nnunet_ext.nn.deformable_conv import DeformableConv, deform_conv
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -37,6 +37,50 @@ def _kernel(kernel_size: IntOrTuple, ndim: int) -> Tuple[int, ...]:
     return kernel
 
 
+class SharedKernelSlice(nn.Module):
+    """A deformable convolution whose kernel is a slice of a kernel bank shared by several levels.
+
+    The paper's "Conv. shared" ablation (Table II) shares the deformable kernels of all LFAMs, as
+    FPN shares its heads. FPN's levels all have 256 channels; nnU-Net's have 32, 64, ... and
+    possibly different (anisotropic) kernel sizes. Our definition: one bank of shape
+    ``(C_max, C_max, *k_max)`` (+ bias ``C_max``) for all levels; a level with ``C`` channels and
+    kernel ``k`` uses the leading ``C x C`` channel block and the central ``k`` of the bank's kernel.
+    Every level thus trains the same parameters (the narrow levels the leading block).
+    """
+
+    def __init__(self, bank: DeformableConv, channels: int, kernel_size: Sequence[int]):
+        super().__init__()
+        kernel = tuple(kernel_size)
+        if channels > bank.in_channels or any(k > b for k, b in zip(kernel, bank.kernel_size)):
+            raise ValueError(f"a level with {channels} channels and kernel {kernel} does not fit the shared bank "
+                             f"({bank.in_channels} channels, kernel {bank.kernel_size})")
+        self.bank = bank
+        self.in_channels = self.out_channels = channels
+        self.kernel_size = kernel
+        self.ndim = bank.ndim
+        self.offset_groups = bank.offset_groups
+        self.padding = tuple(k // 2 for k in kernel)
+        self._crop = tuple(slice((b - k) // 2, (b - k) // 2 + k) for b, k in zip(bank.kernel_size, kernel))
+
+    @property
+    def kernel_numel(self) -> int:
+        return int(torch.tensor(self.kernel_size).prod())
+
+    @property
+    def offset_channels(self) -> int:
+        return self.ndim * self.offset_groups * self.kernel_numel
+
+    @property
+    def mask_channels(self) -> int:
+        return self.offset_groups * self.kernel_numel
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        c = self.in_channels
+        weight = self.bank.weight[(slice(0, c), slice(0, c), *self._crop)]
+        bias = None if self.bank.bias is None else self.bank.bias[:c]
+        return deform_conv(x, offset, weight, bias, 1, self.padding, 1, mask)
+
+
 class LateralFeatureAlignment(nn.Module):
     """Aligns ``skip`` to ``up`` (same spatial size): ``DCN(skip; offsets, mask = f(cat(skip, up)))``.
 
@@ -48,12 +92,13 @@ class LateralFeatureAlignment(nn.Module):
             anisotropic nnU-Net stages, e.g. ``(1, 3, 3)``).
         offset_groups: channel groups of the skip that get their own offsets.
         modulated: DCNv2 (learned mask) if True, DCNv1 otherwise.
-        deformable_conv: a ``DeformableConv`` to use instead of a new one (sharing across levels).
+        deformable_conv: a ``DeformableConv`` or ``SharedKernelSlice`` of matching width and kernel,
+            used instead of a new one (sharing across levels).
     """
 
     def __init__(self, skip_channels: int, guide_channels: int, conv_op: Type[nn.Module],
                  kernel_size: IntOrTuple = 3, offset_groups: int = 1, modulated: bool = True,
-                 deformable_conv: Optional[DeformableConv] = None):
+                 deformable_conv: Optional[nn.Module] = None):
         super().__init__()
         ndim = _conv_dim(conv_op)
         kernel = _kernel(kernel_size, ndim)
@@ -61,9 +106,10 @@ class LateralFeatureAlignment(nn.Module):
         self.modulated = modulated
         self.deform = deformable_conv if deformable_conv is not None else DeformableConv(
             skip_channels, skip_channels, kernel, padding=padding, offset_groups=offset_groups, ndim=ndim)
-        if self.deform.in_channels != skip_channels or self.deform.out_channels != skip_channels:
-            raise ValueError(f"deformable_conv maps {self.deform.in_channels}->{self.deform.out_channels} channels, "
-                             f"the skip has {skip_channels}")
+        if self.deform.in_channels != skip_channels or self.deform.out_channels != skip_channels \
+                or tuple(self.deform.kernel_size) != kernel:
+            raise ValueError(f"deformable_conv maps {self.deform.in_channels}->{self.deform.out_channels} channels "
+                             f"with kernel {tuple(self.deform.kernel_size)}; the skip has {skip_channels}, kernel {kernel}")
         predicted = self.deform.offset_channels + (self.deform.mask_channels if modulated else 0)
         self.offset_predictor = conv_op(skip_channels + guide_channels, predicted, kernel, 1, padding, bias=True)
         self.reset_offset_predictor()

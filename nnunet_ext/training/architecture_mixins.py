@@ -29,12 +29,14 @@ def residual_encoder_kwargs(plain_kwargs: dict) -> dict:
 class LFAMArchitectureMixin:
     """The plans' U-Net (``PlainConvUNet`` or ``ResidualEncoderUNet``) with LFAM on every skip.
 
-    Class attributes: ``lfam_offset_groups`` (1), ``lfam_modulated`` (True: DCNv2),
+    Class attributes: ``lfam_offset_groups`` (1), ``lfam_modulated`` (True: DCNv2), ``lfam_shared``
+    (False: independent kernels per level; True: one shared kernel bank, the paper's ablation),
     ``lfam_residual_encoder`` (False; True builds the residual-encoder U-Net from plain plans).
     """
 
     lfam_offset_groups: int = 1
     lfam_modulated: bool = True
+    lfam_shared: bool = False
     lfam_residual_encoder: bool = False
 
     @classmethod
@@ -47,7 +49,8 @@ class LFAMArchitectureMixin:
         if arch not in LFAM_NETWORKS:
             raise ValueError(f"{cls.__name__} adds LFAM to nnU-Net's PlainConvUNet or ResidualEncoderUNet; these "
                              f"plans name {arch}. Plan with nnU-Net's default or ResEnc planners.")
-        kwargs.update(lfam_offset_groups=cls.lfam_offset_groups, lfam_modulated=cls.lfam_modulated)
+        kwargs.update(lfam_offset_groups=cls.lfam_offset_groups, lfam_modulated=cls.lfam_modulated,
+                      lfam_shared=cls.lfam_shared)
         return get_network_from_plans(LFAM_NETWORKS[arch], kwargs,
                                       configuration_manager.network_arch_init_kwargs_req_import,
                                       num_input_channels, num_output_channels, allow_init=True,
