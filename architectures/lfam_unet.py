@@ -10,19 +10,17 @@ see ``SharedKernelSlice``).
 """
 from __future__ import annotations
 
-import inspect
-from typing import List
-
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
+
+from nnunet_ext.architectures.skip_decoder import SkipTransformingUNetDecoder, replace_decoder
 
 from nnunet_ext.nn.deformable_conv import DeformableConv
 from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment, SharedKernelSlice
 
 
-class LFAMUNetDecoder(UNetDecoder):
+class LFAMUNetDecoder(SkipTransformingUNetDecoder):
     """nnU-Net's ``UNetDecoder`` with ``LateralFeatureAlignment`` applied to each skip: one independent
     module per resolution level by default (the paper's better setting, Table II); with
     ``lfam_shared`` the levels share one deformable kernel bank (offset predictors stay per level)."""
@@ -45,21 +43,9 @@ class LFAMUNetDecoder(UNetDecoder):
                                     kernels[s], lfam_offset_groups, lfam_modulated, shared.get(s))
             for s in reversed(levels)])
 
-    def forward(self, skips: List[torch.Tensor]):
-        """As ``UNetDecoder.forward``, with ``skip -> LFAM(skip, up)`` before the concatenation."""
-        lres_input = skips[-1]
-        seg_outputs = []
-        for s in range(len(self.stages)):
-            up = self.transpconvs[s](lres_input)
-            x = torch.cat((up, self.alignments[s](skips[-(s + 2)], up)), 1)
-            x = self.stages[s](x)
-            if self.deep_supervision:
-                seg_outputs.append(self.seg_layers[s](x))
-            elif s == len(self.stages) - 1:
-                seg_outputs.append(self.seg_layers[-1](x))
-            lres_input = x
-        seg_outputs = seg_outputs[::-1]  # highest resolution first
-        return seg_outputs if self.deep_supervision else seg_outputs[0]
+    def transform_skip(self, s: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``skip -> LFAM(skip, up)`` before the concatenation."""
+        return self.alignments[s](skip, up)
 
     def compute_conv_feature_map_size(self, input_size):
         """nnU-Net's estimate plus, per level, the offset/mask prediction, the sampled
@@ -89,23 +75,14 @@ def _lfam_initialize(module: nn.Module) -> None:
         module.reset_offset_predictor()
 
 
-def _with_lfam_decoder(network, base_class, args, kwargs, lfam_kwargs) -> None:
-    bound = inspect.signature(base_class.__init__).bind(network, *args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    network.decoder = LFAMUNetDecoder(network.encoder, a['num_classes'], a['n_conv_per_stage_decoder'],
-                                      a['deep_supervision'], nonlin_first=a.get('nonlin_first', False),
-                                      **lfam_kwargs)
-
-
 class LFAMPlainConvUNet(PlainConvUNet):
     """``PlainConvUNet`` (nnU-Net's default network) with LFAM on every skip connection."""
 
     def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, lfam_shared: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        _with_lfam_decoder(self, PlainConvUNet, args, kwargs, dict(lfam_offset_groups=lfam_offset_groups,
-                                                             lfam_modulated=lfam_modulated, lfam_shared=lfam_shared))
+        replace_decoder(self, PlainConvUNet, args, kwargs, LFAMUNetDecoder, lfam_offset_groups=lfam_offset_groups,
+                        lfam_modulated=lfam_modulated, lfam_shared=lfam_shared)
 
     @staticmethod
     def initialize(module):
@@ -120,8 +97,8 @@ class LFAMResidualEncoderUNet(ResidualEncoderUNet):
     def __init__(self, *args, lfam_offset_groups: int = 1, lfam_modulated: bool = True, lfam_shared: bool = False,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        _with_lfam_decoder(self, ResidualEncoderUNet, args, kwargs, dict(lfam_offset_groups=lfam_offset_groups,
-                                                             lfam_modulated=lfam_modulated, lfam_shared=lfam_shared))
+        replace_decoder(self, ResidualEncoderUNet, args, kwargs, LFAMUNetDecoder,
+                        lfam_offset_groups=lfam_offset_groups, lfam_modulated=lfam_modulated, lfam_shared=lfam_shared)
 
     @staticmethod
     def initialize(module):

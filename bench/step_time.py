@@ -50,15 +50,37 @@ def _trainer(name: str, dataset_id: int, configuration: str, device):
     return trainer
 
 
+def _with_distance_maps(trainer, batches):
+    """Batches as a multi-level-loss trainer's data pipeline delivers them (distance maps appended by
+    its ``SignedDistanceTransform`` per sample, in the data-augmentation workers in real training),
+    and the seconds that transform takes per batch; unchanged batches and None for other trainers.
+    Such trainers are measured at full weights (alpha = beta = 1, the schedule's late epochs)."""
+    if not hasattr(trainer, '_distance_transform'):
+        return batches, None
+    import torch
+    trainer.loss.weights = trainer.mll_schedule(10 ** 6)
+    transform = trainer._distance_transform()
+    start = time.perf_counter()
+    converted = []
+    for batch in batches:
+        target = batch['target'] if isinstance(batch['target'], list) else [batch['target']]
+        samples = [transform(segmentation=[t[b] for t in target])['segmentation'] for b in range(len(target[0]))]
+        packed = [torch.stack([s[i] for s in samples]) for i in range(len(target))]
+        converted.append({**batch, 'target': packed if isinstance(batch['target'], list) else packed[0]})
+    return converted, (time.perf_counter() - start) / len(batches)
+
+
 def measure(dataset_id: int, configuration: str, trainer_names, device, rounds: int, warmup: int):
     import torch
     reference = _trainer(REFERENCE, dataset_id, configuration, device)
     trainers = {REFERENCE: reference}
     for name in trainer_names:
         trainers[name] = _trainer(name, dataset_id, configuration, device)
-        reference_weights = reference.network.state_dict()
-        if set(reference_weights) <= set(trainers[name].network.state_dict()):  # same network (+ extra modules)
-            trainers[name].network.load_state_dict(reference_weights, strict=False)
+        # same initial weights wherever the networks share a parameter of the same shape (extra modules,
+        # widened layers keep their own)
+        own = trainers[name].network.state_dict()
+        shared = {k: v for k, v in reference.network.state_dict().items() if k in own and own[k].shape == v.shape}
+        trainers[name].network.load_state_dict(shared, strict=False)
     planning_value = os.environ['nnUNet_n_proc_DA']
     os.environ['nnUNet_n_proc_DA'] = '0'  # batches made in this process, up front
     try:
@@ -67,18 +89,20 @@ def measure(dataset_id: int, configuration: str, trainer_names, device, rounds: 
         batches = [next(loader) for _ in range(min(rounds + warmup, 16))]
     finally:
         os.environ['nnUNet_n_proc_DA'] = planning_value  # the planner fails with 0
+    prepared = {name: _with_distance_maps(trainer, batches) for name, trainer in trainers.items()}
     times = {name: [] for name in trainers}
     names = list(trainers)
     for r in range(warmup + rounds):
-        batch = batches[r % len(batches)]
         for name in (names if r % 2 == 0 else names[::-1]):
+            batch = prepared[name][0][r % len(batches)]
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             start = time.perf_counter()
             trainers[name].train_step(batch)  # ends with loss.cpu(): synchronises
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    info = dict(batch_size=reference.batch_size, patch_size=list(reference.configuration_manager.patch_size))
+    info = dict(batch_size=reference.batch_size, patch_size=list(reference.configuration_manager.patch_size),
+                pipeline={name: p[1] for name, p in prepared.items() if p[1] is not None})
     return {name: statistics.median(t) for name, t in times.items()}, info
 
 
@@ -111,6 +135,9 @@ def main(argv=None) -> int:
             for name, median in medians.items():
                 print(f'| {configuration} | {info["patch_size"]} | {info["batch_size"]} | {name} | {median:.4f} | '
                       f'{median / medians[REFERENCE]:.3f} |', flush=True)
+            for name, seconds in info['pipeline'].items():
+                print(f'# {configuration} {name}: signed distance maps {seconds:.4f} s per batch in the data pipeline '
+                      f'(per sample in the augmentation workers, not in the step)', flush=True)
     return 0
 
 

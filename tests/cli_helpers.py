@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts (nnUNetv2_*, nnunet-ext)
 
@@ -33,3 +33,18 @@ def run(cmd: Sequence[str], env: Dict[str, str], check: bool = True, timeout: fl
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout (tail)\n"
                              f"{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}")
     return result
+
+
+def planned_phantom(env: Dict[str, str], dataset_id: int, name: str, configuration: str, shape: Sequence[int],
+                    prepare: Optional[Callable[[str], None]] = None) -> str:
+    """Writes a 5 + 2 case phantom dataset (``prepare(dataset_folder)`` may edit it), then runs the stock
+    ``nnUNetv2_plan_and_preprocess`` for one configuration. Returns the dataset's folder name."""
+    from nnunet_ext.demo.phantom import write_phantom_dataset
+    write_phantom_dataset(env['nnUNet_raw'], dataset_id, name, num_train=5, num_test=2, shape=shape,
+                          seed=dataset_id, progress=False)
+    dataset = f'Dataset{dataset_id:03d}_{name}'
+    if prepare is not None:
+        prepare(os.path.join(env['nnUNet_raw'], dataset))
+    run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '--verify_dataset_integrity', '-c', configuration,
+         '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0
+    return dataset

@@ -1,4 +1,14 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/cli_helpers.py
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/cli_helpers.py, tests/trainer_helpers.py
+
+from trainer_helpers import planned_phantom  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def planned(tmp_path_factory):
+    """(plans, dataset_json) of a tiny planned 2D phantom; trainers are built from it by hand."""
+    yield from planned_phantom(tmp_path_factory)

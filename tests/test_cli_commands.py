@@ -12,8 +12,12 @@ from cli_helpers import SHORT_TRAINING, run, user_environment
 from nnunet_ext.demo.phantom import write_phantom_dataset
 from nnunet_ext.training.schedule import training_length_overrides
 
-EXPECTED_TRAINERS = {'nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCSquared', 'nnUNetTrainerLFAM',
-                     'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc', 'nnUNetTrainerLFAMShared'}
+EXPECTED_TRAINERS = {
+    'nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCSquared',
+    'nnUNetTrainerLFAM', 'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc', 'nnUNetTrainerLFAMShared',
+    'nnUNetTrainerMLL', 'nnUNetTrainerMLLGODC', 'nnUNetTrainerRegionBoundary', 'nnUNetTrainerRegionPoint',
+    'nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy', 'nnUNetTrainerGODCIFECurvature', 'nnUNetTrainerGODCIFEEntropy',
+}
 
 
 @pytest.fixture(scope='module')
@@ -63,6 +67,20 @@ def test_trainers_lists_every_trainer_and_nnunet_finds_each(env):
     found = run(['python', '-c', code], env).stdout
     for name in EXPECTED_TRAINERS:
         assert f'{name} nnunet_ext.training' in found
+
+
+def test_readme_subclass_in_a_user_trainer_folder_is_found(env, tmp_path):
+    """The README's example: a user's own trainer folder next to ours in nnUNet_extTrainer."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')).read()
+    snippet = re.search(r'```python\n(# my_trainers\.py.*?)```', readme, re.S).group(1)
+    folder = tmp_path / 'my_trainer_folder'
+    folder.mkdir()
+    (folder / 'my_trainers.py').write_text(snippet)
+    user_env = {**env, 'nnUNet_extTrainer': env['nnUNet_extTrainer'] + os.pathsep + str(folder)}
+    code = ('from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n'
+            'cls = f("nnUNetTrainerMLLSlow")\n'
+            'print(cls.mll_schedule(4).boundary, cls.mll_schedule(5).boundary)')
+    assert run(['python', '-c', code], user_env).stdout.strip().splitlines()[-1] == '0.0 0.2'
 
 
 def test_unknown_trainer_gives_nnunets_message(env):

@@ -1,7 +1,7 @@
 """Our trainers through the stock nnU-Net command line, as the README tells users to run them, on
 tiny 2D and 3D phantom datasets: plan_and_preprocess -> train (--npz; --c) -> find_best_configuration
 -> predict -> ensemble. One trainer per family and the paper's combination (GODC + LFAM); the
-predictor rebuilds the LFAM networks from the plans and loads their weights strictly."""
+predictor rebuilds the LFAM and IFE networks from the plans and loads their weights strictly."""
 from __future__ import annotations
 
 import glob
@@ -12,8 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, run, user_environment
-from nnunet_ext.demo.phantom import write_phantom_dataset
+from cli_helpers import SHORT_TRAINING, planned_phantom, run, user_environment
 
 pytestmark = pytest.mark.cli
 
@@ -22,8 +21,9 @@ CASES = {  # configuration -> (dataset id, phantom shape)
     '3d_fullres': (202, (12, 32, 32)),
 }
 TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCLFAM')  # find_best_configuration and the ensemble use these
-OTHER_TRAINERS = ('nnUNetTrainerLFAM',)
+OTHER_TRAINERS = ('nnUNetTrainerLFAM', 'nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy')
 LFAM_TRAINERS = ('nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAM')
+IFE_TRAINERS = ('nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy')
 
 
 @pytest.fixture(scope='module', params=sorted(CASES))
@@ -33,12 +33,7 @@ def pipeline(request, tmp_path_factory):
     dataset_id, shape = CASES[configuration]
     root = str(tmp_path_factory.mktemp(f'root_{configuration}'))
     env = user_environment(root)
-    write_phantom_dataset(env['nnUNet_raw'], dataset_id, 'TinyPhantom', num_train=5, num_test=2, shape=shape,
-                          seed=dataset_id, progress=False)
-    dataset = f'Dataset{dataset_id:03d}_TinyPhantom'
-    plan_env = {**env, 'nnUNet_n_proc_DA': '1'}
-    run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '--verify_dataset_integrity', '-c', configuration,
-         '-np', '2', '-npfp', '2'], plan_env)
+    dataset = planned_phantom(env, dataset_id, 'TinyPhantom', configuration, shape)
 
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
     logs = {}
@@ -127,3 +122,22 @@ def test_lfam_networks_are_trained_and_rebuilt_for_prediction(pipeline):
                              weights_only=False)['network_weights']
         assert any(k.startswith('decoder.alignments.') and 'offset_predictor' in k for k in weights), trainer
         assert pipeline['predictions'][trainer]  # predicted above: strict state-dict load succeeded
+
+
+def test_ife_networks_are_trained_with_widened_decoder_stages_and_rebuilt_for_prediction(pipeline):
+    for trainer in IFE_TRAINERS:
+        folder = os.path.join(_results_folder(pipeline, trainer), 'fold_0')
+        weights = torch.load(os.path.join(folder, 'checkpoint_final.pth'), map_location='cpu',
+                             weights_only=False)['network_weights']
+        reference = torch.load(os.path.join(_results_folder(pipeline, 'nnUNetTrainerGODC'), 'fold_0',
+                                            'checkpoint_final.pth'), map_location='cpu',
+                               weights_only=False)['network_weights']
+        assert set(weights) == set(reference)  # IFE adds input width, no parameters
+        widened = [k for k in weights if weights[k].shape != reference[k].shape]
+        # the first conv of the two decoder stages fed by the skips of encoder stages 1 and 2: with n encoder
+        # stages, decoder stage d takes the skip of encoder stage n - 2 - d
+        n_encoder_stages = 1 + len({k.split('.')[2] for k in weights if k.startswith('decoder.stages.')})
+        expected = {f'decoder.stages.{n_encoder_stages - 2 - s}' for s in (1, 2)}
+        assert {k.split('.convs.0.')[0] for k in widened} == expected, widened
+        labels = _label_arrays(pipeline['predictions'][trainer])  # strict state-dict load succeeded
+        assert len(labels) == 2 and all(set(np.unique(a)) <= {0, 1, 2} for a in labels.values())

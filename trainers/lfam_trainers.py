@@ -15,7 +15,7 @@ class nnUNetTrainerGODCLFAM(TrainingLengthFromEnvMixin, GODCLossMixin, LFAMArchi
 class nnUNetTrainerLFAMResEnc(TrainingLengthFromEnvMixin, LFAMArchitectureMixin, nnUNetTrainer):
     """Residual-encoder U-Net (nnU-Net ResEnc blocks) with LFAM on every skip; Dice+CE loss."""
 
-    lfam_residual_encoder = True
+    use_residual_encoder = True
 
 
 class nnUNetTrainerLFAMShared(TrainingLengthFromEnvMixin, LFAMArchitectureMixin, nnUNetTrainer):

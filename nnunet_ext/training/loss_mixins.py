@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 
 from nnunet_ext.losses import GODCLoss
@@ -33,6 +34,24 @@ class DeepSupervisedLossMixin:
         loss = self._build_output_loss()
         if self.enable_deep_supervision:
             loss = StrictDeepSupervisionWrapper(loss, self._deep_supervision_weights())
+        return loss
+
+
+class DiceCELossMixin(DeepSupervisedLossMixin):
+    """nnU-Net's own per-output loss (Dice + CE, or Dice + BCE for regions; same arguments as
+    ``nnUNetTrainer._build_loss``), as a region term other mixins can build on."""
+
+    def _build_output_loss(self) -> nn.Module:
+        dice_kwargs = {'batch_dice': self.configuration_manager.batch_dice, 'smooth': 1e-5, 'ddp': self.is_ddp}
+        if self.label_manager.has_regions:
+            loss = DC_and_BCE_loss({}, {**dice_kwargs, 'do_bg': True},
+                                   use_ignore_label=self.label_manager.ignore_label is not None,
+                                   dice_class=MemoryEfficientSoftDiceLoss)
+        else:
+            loss = DC_and_CE_loss({**dice_kwargs, 'do_bg': False}, {}, weight_ce=1, weight_dice=1,
+                                  ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+        if self._do_i_compile():
+            loss.dc = torch.compile(loss.dc)
         return loss
 
 

@@ -1,0 +1,164 @@
+"""Instructive feature enhancement (IFE) of "Instructive Feature Enhancement for Dichotomous Medical
+Image Segmentation" (``shared/papers/ife_instructive_feature_enhancement.md``, Section 2).
+
+Each channel of a feature map is scored per sample by how much edge / texture it carries, the top
+``int(r C)`` channels are selected and concatenated to the raw features (Eq. 3):
+``F = cat[F_x, top_r(S(F_x))]``. Scores carry no gradient; the selected values do.
+
+Scores (2D as in the paper; 3D is our extension, the paper's "future work"):
+
+* :class:`CurvatureScore` (Section 2.1, Eq. 1): ``sum |K * x|`` over the valid positions of a
+  channel, ``K`` Gong and Sbalzarini's mean-curvature kernel
+  ``[[-1/16, 5/16, -1/16], [5/16, -1, 5/16], [-1/16, 5/16, -1/16]]`` (the authors' code: no padding,
+  absolute value, sum). 3D: ``K3`` is the sum of ``K`` placed on the three orthogonal planes through
+  the voxel (centre -3, the 6 face neighbours 10/16, the 12 edge neighbours -1/16, corners 0; it sums
+  to 0 like ``K``, so a constant or linear channel scores 0). nnU-Net's 3D stages can be thinner
+  than the kernel (1 or 2 slices on anisotropic data): an axis shorter than 3 is replicate-padded by
+  one on each side first (the channel is taken as constant across it; for one slice, ``K3`` then
+  scores the 2D curvature of the slice plus 3/16 of its second differences along x and y).
+* :class:`EntropyScore` (Section 2.2, Eq. 2, Algorithm 1): the 2D information entropy of the pairs
+  ``(i, j)`` = (centre value, mean of the other 8 values) of the 3x3 window around every pixel
+  (zero padding, one window per pixel, as ``unfold(padding=1)`` in the authors' code), in a joint
+  histogram of 256 x 256 bins (Eq. 2: ``i, j in 0..255``), ``P = count / ((H + 2) (W + 2))`` (the
+  paper's normalisation by the padded image size ``(H + ext) x (W + ext)``; the authors' code uses
+  ``ext = 2 * floor(3 / 2)``), ``E = -sum P log2 P``. The 256 levels span ``[min, max]`` of the
+  sample's ``i`` and ``j`` values over all its channels (``histc``'s default range over Algorithm 1's
+  input ``F_x``, one sample): a channel's entropy reflects both its texture and its activation
+  magnitude, and never depends on the other samples of the batch (the authors' code takes the range
+  over the whole batch). A level is ``floor((v - min) / (max - min) * 256)``, the maximum in the last
+  level; a sample whose values are all equal has every pair in level (0, 0).
+  3D: 3x3x3 windows, the mean of the 26 other values, normalised by ``(D + 2)(H + 2)(W + 2)``.
+
+Vectorised: one depthwise convolution (curvature), one average pooling plus one ``index_add_``
+histogram over all samples and channels (entropy); no Python loop over samples or channels.
+The entropy histogram holds ``B * C * 65536`` float32 counts while it is computed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CurvatureScore", "EntropyScore", "InstructiveFeatureEnhancement", "curvature_kernel",
+           "ENTROPY_LEVELS"]
+
+ENTROPY_LEVELS = 256
+
+
+def curvature_kernel(ndim: int, dtype=torch.float32) -> torch.Tensor:
+    """Eq. 1's kernel (2D), or its 3D extension ``K3`` (sum over the three orthogonal planes)."""
+    a, b, c = -1 / 16, 5 / 16, -1.0
+    k2 = torch.tensor([[a, b, a], [b, c, b], [a, b, a]], dtype=torch.float64)
+    if ndim == 2:
+        return k2.to(dtype)
+    if ndim != 3:
+        raise ValueError(f"curvature kernel is defined for 2D and 3D, got ndim={ndim}")
+    k3 = torch.zeros(3, 3, 3, dtype=torch.float64)
+    k3[1, :, :] += k2  # plane z = centre
+    k3[:, 1, :] += k2  # plane y = centre
+    k3[:, :, 1] += k2  # plane x = centre
+    return k3.to(dtype)
+
+
+def _check_features(x: torch.Tensor) -> int:
+    if x.ndim not in (4, 5):
+        raise ValueError(f"expected features of shape (B, C, H, W) or (B, C, D, H, W), got {tuple(x.shape)}")
+    return x.ndim - 2
+
+
+class CurvatureScore(nn.Module):
+    """Per sample, per channel ``sum |K * x|`` over valid positions (Eq. 1): ``(B, C, *s) -> (B, C)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ndim = _check_features(x)
+        with torch.no_grad():
+            x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+            thin = [1 if s < 3 else 0 for s in x.shape[2:]]
+            if any(thin):  # F.pad lists the last axis first
+                x = F.pad(x, [p for t in reversed(thin) for p in (t, t)], mode='replicate')
+            C = x.shape[1]
+            kernel = curvature_kernel(ndim, x.dtype).to(x.device).expand(C, 1, *([3] * ndim))
+            conv = F.conv2d if ndim == 2 else F.conv3d
+            return conv(x, kernel, groups=C).abs().flatten(2).sum(2)
+
+
+class EntropyScore(nn.Module):
+    """Per sample, per channel 2D information entropy of (centre, neighbour mean) pairs (Eq. 2,
+    Algorithm 1; see the module docstring): ``(B, C, *s) -> (B, C)``, in bits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ndim = _check_features(x)
+        with torch.no_grad():
+            x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+            B, C = x.shape[:2]
+            pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+            window = 3 ** ndim
+            centre = x
+            neighbours = (pool(F.pad(x, [1, 1] * ndim), 3, 1) * window - x) / (window - 1)  # zero padding
+            lo = torch.minimum(centre.flatten(1).amin(1), neighbours.flatten(1).amin(1)).view(B, 1, *([1] * ndim))
+            hi = torch.maximum(centre.flatten(1).amax(1), neighbours.flatten(1).amax(1)).view(B, 1, *([1] * ndim))
+            scale = ENTROPY_LEVELS / (hi - lo)
+            scale = torch.where(hi > lo, scale, torch.zeros_like(scale))
+
+            def level(v):
+                return ((v - lo) * scale).floor_().clamp_(0, ENTROPY_LEVELS - 1).long()
+
+            cells = ENTROPY_LEVELS ** 2
+            group = torch.arange(B * C, device=x.device).view(B, C, *([1] * ndim)) * cells
+            keys = (group + level(centre) * ENTROPY_LEVELS + level(neighbours)).flatten()
+            counts = torch.zeros(B * C * cells, dtype=torch.float32, device=x.device)
+            counts.index_add_(0, keys, torch.ones_like(keys, dtype=torch.float32))
+            counts = counts.view(B, C, cells)
+            total = math.prod(x.shape[2:])
+            padded = math.prod(s + 2 for s in x.shape[2:])
+            # -sum (n/Z) log2(n/Z) = (total * log2 Z - sum n log2 n) / Z
+            n_log_n = torch.special.xlogy(counts, counts).sum(2) / math.log(2)
+            return (total * math.log2(padded) - n_log_n) / padded
+
+
+class InstructiveFeatureEnhancement(nn.Module):
+    """``cat[x, top_{int(r C)}(score(x))]`` per sample (Eq. 3).
+
+    Args:
+        score: ``CurvatureScore()``, ``EntropyScore()`` or any module mapping (B, C, *s) to (B, C).
+        ratio: r, the share of channels selected (``int(r * C)`` channels; 0 selects none).
+        channels: C, if known (for :attr:`out_channels`).
+
+    The selected channels are ordered by decreasing score; the scores get no gradient, the
+    selected values do (``gather``).
+    """
+
+    def __init__(self, score: nn.Module, ratio: float, channels: int | None = None):
+        super().__init__()
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"IFE ratio r must be in [0, 1], got {ratio}")
+        self.score = score
+        self.ratio = float(ratio)
+        self.channels = channels
+
+    def selected_channels(self, channels: int) -> int:
+        return int(self.ratio * channels)
+
+    @property
+    def out_channels(self) -> int:
+        if self.channels is None:
+            raise ValueError("out_channels needs the input channel count (pass channels=...)")
+        return self.channels + self.selected_channels(self.channels)
+
+    def selection(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices (B, k) of the selected channels of each sample, by decreasing score."""
+        k = self.selected_channels(x.shape[1])
+        scores = self.score(x)
+        if scores.shape != x.shape[:2]:
+            raise ValueError(f"score returned shape {tuple(scores.shape)}, expected {tuple(x.shape[:2])}")
+        return scores.topk(k, dim=1).indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels is not None and x.shape[1] != self.channels:
+            raise ValueError(f"IFE built for {self.channels} channels got input {tuple(x.shape)}")
+        index = self.selection(x)
+        spatial = x.shape[2:]
+        selected = x.gather(1, index.view(*index.shape, *([1] * len(spatial))).expand(*index.shape, *spatial))
+        return torch.cat((x, selected), 1)

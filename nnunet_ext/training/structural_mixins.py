@@ -1,0 +1,116 @@
+"""The multi-level structural loss (Eq. 11, ``shared/papers/multi_level_structural_loss.md``) as a
+trainer mixin: wraps the region term of the loss mixin after it in the MRO (nnU-Net's Dice+CE,
+GODC+CE, ...) into :class:`~nnunet_ext.losses.StructuralLoss`, adds the signed distance maps to the
+data pipeline, applies the weight schedule per epoch and logs the weights and each term::
+
+    class nnUNetTrainerMLL(TrainingLengthFromEnvMixin, StructuralLossMixin, DiceCELossMixin, nnUNetTrainer): ...
+    class nnUNetTrainerMLLGODC(TrainingLengthFromEnvMixin, StructuralLossMixin, GODCLossMixin, nnUNetTrainer): ...
+
+Works for label maps (softmax; the ignore label excluded from every term) and region-based
+training (sigmoid; the ignore channel excluded), 2D and 3D, with or without deep supervision.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from nnunet_ext.losses.schedules import PaperSchedule
+from nnunet_ext.losses.structural import StructuralLoss
+from nnunet_ext.losses.uncertain_points import UncertainPointLoss
+from nnunet_ext.training.distance_transform import SignedDistanceTransform
+from nnunet_ext.training.loss_mixins import DeepSupervisedLossMixin
+
+
+class StructuralLossMixin(DeepSupervisedLossMixin):
+    """Region (from the next loss mixin) + alpha * boundary + beta * uncertain-point terms.
+
+    Class attributes (override in a subclass):
+        mll_schedule: epoch -> weights (``PaperSchedule()``: alpha 0, +0.2 per epoch, up to 1; beta 0
+            before epoch 12, then 1; ``KervadecRebalanceSchedule()`` for Kervadec's rebalancing).
+        mll_boundary_term, mll_point_term: include the term (ablations switch one off).
+        mll_num_points: N points per sample (``None``: ``mll_point_fraction`` of the patch voxels).
+        mll_point_fraction, mll_oversample_ratio (k), mll_importance_ratio (m).
+    """
+
+    mll_schedule = PaperSchedule()
+    mll_boundary_term: bool = True
+    mll_point_term: bool = True
+    mll_num_points = None
+    mll_point_fraction: float = 1 / 16
+    mll_oversample_ratio: float = 3.0
+    mll_importance_ratio: float = 0.75
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    def _label_channels(self) -> int:
+        lm = self.label_manager
+        if lm.has_regions:
+            return len(lm.foreground_regions) + (1 if lm.ignore_label is not None else 0)
+        return 1
+
+    def _build_loss(self):
+        lm = self.label_manager
+        use_sigmoid = lm.has_regions
+        point = UncertainPointLoss(self.mll_num_points, self.mll_point_fraction, self.mll_oversample_ratio,
+                                   self.mll_importance_ratio, use_sigmoid) if self.mll_point_term else False
+        weights = self._deep_supervision_weights() if self.enable_deep_supervision else None
+        return StructuralLoss(self._build_output_loss(), self._label_channels(), use_sigmoid,
+                              ignore_label=None if use_sigmoid else lm.ignore_label,
+                              has_ignore_channel=use_sigmoid and lm.ignore_label is not None,
+                              deep_supervision_weights=weights,
+                              boundary_loss=None if self.mll_boundary_term else False, point_loss=point)
+
+    # --- data: signed distance maps appended to every target -------------------------------------------------
+    def _distance_transform(self) -> SignedDistanceTransform:
+        lm = self.label_manager
+        if lm.has_regions:
+            return SignedDistanceTransform(self.configuration_manager.spacing,
+                                           num_regions=len(lm.foreground_regions))
+        return SignedDistanceTransform(self.configuration_manager.spacing, foreground_labels=lm.foreground_labels)
+
+    def get_training_transforms(self, *args, **kwargs):
+        transforms = super().get_training_transforms(*args, **kwargs)
+        transforms.transforms.append(self._distance_transform())
+        return transforms
+
+    def get_validation_transforms(self, *args, **kwargs):
+        transforms = super().get_validation_transforms(*args, **kwargs)
+        transforms.transforms.append(self._distance_transform())
+        return transforms
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step; its loss sees the distance maps, its online Dice only the labels."""
+        packed = batch['target']
+        n = self._label_channels()
+        if isinstance(packed, list):
+            labels = [t[:, :n].clone() for t in packed]
+            on_device = [t.to(self.device, non_blocking=True) for t in packed]
+        else:
+            labels = packed[:, :n].clone()
+            on_device = packed.to(self.device, non_blocking=True)
+        structural = self.loss
+        self.loss = lambda output, _labels: structural(output, on_device)
+        try:
+            return super().validation_step({**batch, 'target': labels})
+        finally:
+            self.loss = structural
+
+    # --- schedule and log --------------------------------------------------------------------------------------
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        weights = self.mll_schedule(self.current_epoch)
+        self.loss.weights = weights
+        self.loss.pop_term_means()
+        self.print_to_log_file(f"multi-level loss weights: region {weights.region:.4g}, boundary (alpha) "
+                               f"{weights.boundary:.4g}, point (beta) {weights.point:.4g}")
+
+    def _log_terms(self, phase: str) -> None:
+        means = self.loss.pop_term_means()
+        self.print_to_log_file(f"multi-level loss terms ({phase}, unweighted): "
+                               + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        self._log_terms('train')
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        self._log_terms('val')

@@ -1,0 +1,33 @@
+"""Instructive feature enhancement trainers (IFE paper, Section 2): the plans' U-Net with curvature-
+or entropy-selected channels concatenated to the skips of encoder stages 1 and 2; alone and with GODC."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.training import GODCLossMixin, IFEArchitectureMixin, TrainingLengthFromEnvMixin
+
+
+class nnUNetTrainerIFECurvature(TrainingLengthFromEnvMixin, IFEArchitectureMixin, nnUNetTrainer):
+    """IFE by mean curvature (Eq. 1) on the skips of stages 1 and 2, r = 0.75 / 0.5 (Table 2's best); Dice+CE."""
+
+    ife_score = 'curvature'
+    ife_ratios = (0.75, 0.5)
+
+
+class nnUNetTrainerIFEEntropy(TrainingLengthFromEnvMixin, IFEArchitectureMixin, nnUNetTrainer):
+    """IFE by 2D information entropy (Eq. 2, Algorithm 1) on the skips of stages 1 and 2, r = 0.5 / 0.5; Dice+CE."""
+
+    ife_score = 'entropy'
+    ife_ratios = (0.5, 0.5)
+
+
+class nnUNetTrainerGODCIFECurvature(TrainingLengthFromEnvMixin, GODCLossMixin, IFEArchitectureMixin, nnUNetTrainer):
+    """GODC + CE loss and curvature IFE (as nnUNetTrainerIFECurvature)."""
+
+    ife_score = 'curvature'
+    ife_ratios = (0.75, 0.5)
+
+
+class nnUNetTrainerGODCIFEEntropy(TrainingLengthFromEnvMixin, GODCLossMixin, IFEArchitectureMixin, nnUNetTrainer):
+    """GODC + CE loss and entropy IFE (as nnUNetTrainerIFEEntropy)."""
+
+    ife_score = 'entropy'
+    ife_ratios = (0.5, 0.5)

@@ -1,0 +1,25 @@
+"""Multi-level structural loss trainers (region + boundary + uncertain-point terms, Eq. 11 of the
+multi-level structural loss paper) and their ablations; GODC as the region term by composition."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.training import DiceCELossMixin, GODCLossMixin, StructuralLossMixin, TrainingLengthFromEnvMixin
+
+
+class nnUNetTrainerMLL(TrainingLengthFromEnvMixin, StructuralLossMixin, DiceCELossMixin, nnUNetTrainer):
+    """nnU-Net's Dice+CE + alpha * boundary loss + beta * uncertain-point CE, the paper's schedules."""
+
+
+class nnUNetTrainerMLLGODC(TrainingLengthFromEnvMixin, StructuralLossMixin, GODCLossMixin, nnUNetTrainer):
+    """The multi-level structural loss with GODC + CE as the region term."""
+
+
+class nnUNetTrainerRegionBoundary(TrainingLengthFromEnvMixin, StructuralLossMixin, DiceCELossMixin, nnUNetTrainer):
+    """Ablation: Dice+CE + alpha * boundary loss (no point term)."""
+
+    mll_point_term = False
+
+
+class nnUNetTrainerRegionPoint(TrainingLengthFromEnvMixin, StructuralLossMixin, DiceCELossMixin, nnUNetTrainer):
+    """Ablation: Dice+CE + beta * uncertain-point CE (no boundary term)."""
+
+    mll_boundary_term = False
