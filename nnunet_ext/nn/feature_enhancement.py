@@ -29,9 +29,10 @@ Scores (2D as in the paper; 3D is our extension, the paper's "future work"):
   level; a sample whose values are all equal has every pair in level (0, 0).
   3D: 3x3x3 windows, the mean of the 26 other values, normalised by ``(D + 2)(H + 2)(W + 2)``.
 
-Vectorised: one depthwise convolution (curvature), one average pooling plus one ``index_add_``
-histogram over all samples and channels (entropy); no Python loop over samples or channels.
-The entropy histogram holds ``B * C * 65536`` float32 counts while it is computed.
+Vectorised: one depthwise convolution (curvature); one average pooling, one sort of the
+(sample, channel, i, j) keys (``torch.unique``) and one ``index_add_`` over the occupied histogram
+cells (entropy), so its cost and memory grow with the number of feature values, not with the
+``B * C * 65536`` cells of the dense histograms; no Python loop over samples or channels.
 """
 from __future__ import annotations
 
@@ -108,14 +109,15 @@ class EntropyScore(nn.Module):
             cells = ENTROPY_LEVELS ** 2
             group = torch.arange(B * C, device=x.device).view(B, C, *([1] * ndim)) * cells
             keys = (group + level(centre) * ENTROPY_LEVELS + level(neighbours)).flatten()
-            counts = torch.zeros(B * C * cells, dtype=torch.float32, device=x.device)
-            counts.index_add_(0, keys, torch.ones_like(keys, dtype=torch.float32))
-            counts = counts.view(B, C, cells)
+            # the sparse joint histogram: counts of the occupied (channel, i, j) cells only
+            occupied, counts = torch.unique(keys, return_counts=True)
+            counts = counts.to(torch.float32)
+            n_log_n = torch.zeros(B * C, dtype=torch.float32, device=x.device)
+            n_log_n.index_add_(0, occupied // cells, counts * counts.log2())
             total = math.prod(x.shape[2:])
             padded = math.prod(s + 2 for s in x.shape[2:])
             # -sum (n/Z) log2(n/Z) = (total * log2 Z - sum n log2 n) / Z
-            n_log_n = torch.special.xlogy(counts, counts).sum(2) / math.log(2)
-            return (total * math.log2(padded) - n_log_n) / padded
+            return ((total * math.log2(padded) - n_log_n) / padded).view(B, C)
 
 
 class InstructiveFeatureEnhancement(nn.Module):
