@@ -1,0 +1,126 @@
+"""The ``nnunet-ext convert SOURCE ...`` and ``nnunet-ext preprocess-images`` subcommands."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from nnunet_ext.conversion.ct_intensity import CTIntensity
+from nnunet_ext.errors import UserInputError
+
+
+def _raw_root() -> str:
+    root = os.environ.get('nnUNet_raw')
+    if not root:
+        raise UserInputError('nnUNet_raw is not set: eval "$(nnunet-ext env --root DIR)" first')
+    return root
+
+
+def _intensity(args) -> CTIntensity:
+    return CTIntensity(window=tuple(args.window) if args.window else None, hist_eq=args.hist_eq)
+
+
+def _add_common(p: argparse.ArgumentParser, name_default: str) -> None:
+    p.add_argument('input', help='source folder (or archive, where supported)')
+    p.add_argument('--id', type=int, required=True, help='target dataset id (DatasetNNN)')
+    p.add_argument('--name', default=name_default, help=f'target dataset name (default: {name_default or "from the source"})')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
+    p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
+
+
+def _add_ct_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--window', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                   help='clip CT intensities to [LOW, HIGH] HU (the ResUNet paper: -100 400)')
+    p.add_argument('--hist-eq', action='store_true', help='histogram equalisation after windowing (values in [0, 1])')
+
+
+def _report(target: str, summary, labels) -> None:
+    print(f"wrote {target}")
+    print(summary.format(labels))
+
+
+def _cmd_lits(args) -> None:
+    from nnunet_ext.conversion.lits import LABELS, convert_lits
+    target, summary = convert_lits(args.input, _raw_root(), args.id, args.name, args.overwrite, _intensity(args), args.np)
+    _report(target, summary, LABELS)
+
+
+def _cmd_msd(args) -> None:
+    from nnunet_ext.conversion.msd import convert_msd
+    target, summary = convert_msd(args.input, _raw_root(), args.id, args.name, args.overwrite, args.np)
+    with open(os.path.join(target, 'dataset.json')) as f:
+        _report(target, summary, json.load(f)['labels'])
+
+
+def add_convert_parsers(sub) -> None:
+    """Registers ``convert`` (one sub-subcommand per source) and ``preprocess-images`` on the CLI."""
+    convert = sub.add_parser('convert', help="convert a dataset into nnU-Net's raw format (nnUNet_raw/DatasetNNN_NAME)",
+                             description='Writes nnUNet_raw/DatasetNNN_NAME/{imagesTr,labelsTr,imagesTs,dataset.json} '
+                                         'all-or-nothing (a temporary folder moved into place on success).')
+    sources = convert.add_subparsers(dest='source', required=True, metavar='SOURCE')
+    p = sources.add_parser('lits', help='LiTS: volume-N.nii[.gz] + segmentation-N.nii[.gz] (any layout), '
+                                        'test-volume-N to imagesTs')
+    _add_common(p, 'LiTS')
+    _add_ct_options(p)
+    p.set_defaults(func=_cmd_lits)
+    p = sources.add_parser('msd', help="a Medical Segmentation Decathlon task folder or .tar (nnU-Net's converter)")
+    _add_common(p, '')
+    p.set_defaults(func=_cmd_msd)
+
+    p = sub.add_parser('preprocess-images', help='apply the conversion-time CT options (--window/--hist-eq) to new '
+                                                 'images before nnUNetv2_predict')
+    p.add_argument('input', help='folder of images (nnU-Net naming, e.g. case_0000.nii.gz)')
+    p.add_argument('output', help='output folder (created; existing files of the same name are replaced)')
+    p.add_argument('-d', dest='dataset_id', type=int, default=None,
+                   help='take --window/--hist-eq from this converted dataset\'s dataset.json')
+    _add_ct_options(p)
+    p.add_argument('--file-ending', default='.nii.gz')
+    p.set_defaults(func=_cmd_preprocess_images)
+
+
+def _dataset_intensity(dataset_id: int) -> CTIntensity:
+    matches = glob.glob(os.path.join(_raw_root(), f'Dataset{dataset_id:03d}_*', 'dataset.json'))
+    if len(matches) != 1:
+        raise UserInputError(f"-d {dataset_id}: expected one nnUNet_raw/Dataset{dataset_id:03d}_*/dataset.json, "
+                             f"found {len(matches)}")
+    with open(matches[0]) as f:
+        record = json.load(f).get('nnunet_ext_intensity')
+    if record is None:
+        raise UserInputError(f"{matches[0]} records no CT intensity options (not converted by nnunet-ext convert)")
+    return CTIntensity(window=tuple(record['window']) if record['window'] else None, hist_eq=bool(record['hist_eq']))
+
+
+def _cmd_preprocess_images(args) -> None:
+    import SimpleITK as sitk
+    from tqdm import tqdm
+    if args.dataset_id is not None:
+        if args.window or args.hist_eq:
+            raise UserInputError("give either -d DATASET or --window/--hist-eq, not both")
+        intensity = _dataset_intensity(args.dataset_id)
+    else:
+        intensity = _intensity(args)
+    if not intensity.active:
+        raise UserInputError("nothing to do: no --window, no --hist-eq (and -d not given)")
+    if not os.path.isdir(args.input):
+        raise UserInputError(f"{args.input!r} is not a folder")
+    files = sorted(f for f in os.listdir(args.input) if f.endswith(args.file_ending))
+    if not files:
+        raise UserInputError(f"no *{args.file_ending} files in {args.input}")
+    os.makedirs(args.output, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix='.preprocess-images-', dir=args.output)
+    try:
+        for name in tqdm(files, desc=f'CT intensity: {intensity.describe()}', unit='image'):
+            image = sitk.ReadImage(os.path.join(args.input, name))
+            out = sitk.GetImageFromArray(intensity(sitk.GetArrayViewFromImage(image)).astype(np.float32))
+            out.CopyInformation(image)
+            sitk.WriteImage(out, os.path.join(scratch, name), useCompression=True)
+        for name in files:
+            os.replace(os.path.join(scratch, name), os.path.join(args.output, name))
+    finally:
+        shutil.rmtree(scratch)
+    print(f"wrote {len(files)} images to {args.output} ({intensity.describe()})")

@@ -1,0 +1,76 @@
+"""Medical Segmentation Decathlon tasks (a ``TaskNN_Name`` folder or its ``.tar`` download) into nnU-Net
+raw format, delegating the per-image work to nnU-Net's own MSD converter (``split_4d_nifti``: 4D
+multi-modal images into one file per channel, geometry kept) and writing through
+:class:`RawDatasetWriter` (all-or-nothing, ``--overwrite``), which nnU-Net's ``convert_msd_dataset``
+does not do. Labels and channel names come from the task's ``dataset.json``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from typing import Dict, Tuple
+
+from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.errors import UserInputError
+
+
+def _task_folder(path: str, scratch: str) -> str:
+    if os.path.isfile(path) and tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            archive.extractall(scratch, filter='data')
+        candidates = [os.path.join(scratch, d) for d in os.listdir(scratch)
+                      if os.path.isfile(os.path.join(scratch, d, 'dataset.json'))]
+        if len(candidates) != 1:
+            raise UserInputError(f"{path}: expected one MSD task folder (with dataset.json) in the archive, found "
+                                 f"{len(candidates)}")
+        return candidates[0]
+    if not os.path.isdir(path):
+        raise UserInputError(f"MSD input {path!r} is neither a task folder nor a .tar archive")
+    return path
+
+
+def _nifti_cases(folder: str) -> Dict[str, str]:
+    if not os.path.isdir(folder):
+        return {}
+    return {f[:-len('.nii.gz')]: os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            if f.endswith('.nii.gz') and not f.startswith(('.', '_'))}
+
+
+def convert_msd(input_path: str, raw_root: str, dataset_id: int, name: str = '', overwrite: bool = False,
+                num_processes: int = 2) -> Tuple[str, ConversionSummary]:
+    from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
+    with tempfile.TemporaryDirectory(prefix='nnunet_ext_msd_') as scratch:
+        task = _task_folder(input_path, scratch)
+        with open(os.path.join(task, 'dataset.json')) as f:
+            meta = json.load(f)
+        for key in ('labels', 'modality'):
+            if key not in meta:
+                raise UserInputError(f"{task}/dataset.json has no {key!r}: not an MSD task folder")
+        name = name or os.path.basename(os.path.normpath(task)).split('_', 1)[-1]
+        images, labels = _nifti_cases(os.path.join(task, 'imagesTr')), _nifti_cases(os.path.join(task, 'labelsTr'))
+        tests = _nifti_cases(os.path.join(task, 'imagesTs'))
+        if sorted(images) != sorted(labels):
+            only_i, only_l = sorted(set(images) - set(labels)), sorted(set(labels) - set(images))
+            raise UserInputError(f"MSD {task}: images without label {only_i}, labels without image {only_l}")
+        if not images:
+            raise UserInputError(f"MSD {task}: no imagesTr/*.nii.gz")
+        summary = ConversionSummary()
+        with RawDatasetWriter(raw_root, dataset_id, name, overwrite) as writer:
+            jobs = []
+            for split, cases in (('Tr', images), ('Ts', tests)):
+                for case, path in cases.items():
+                    writer.claim_case(case, path)
+                    jobs.append((path, os.path.dirname(writer.image_path(case, split=split))))
+            run_cases(split_4d_nifti, jobs, num_processes, f'MSD {name}')
+            for case, path in labels.items():
+                shutil.copy(path, writer.label_path(case))
+            summary.training_cases, summary.test_cases = len(images), len(tests)
+            channel_names = {int(k): v for k, v in meta['modality'].items()}
+            label_map = {v: int(k) for k, v in meta['labels'].items()}
+            writer.finish(channel_names, label_map, reference=meta.get('reference'),
+                          license=meta.get('licence', meta.get('license', 'see the MSD task')),
+                          description=meta.get('description'), release=meta.get('release'))
+        return writer.target, summary
