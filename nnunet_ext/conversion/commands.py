@@ -57,6 +57,18 @@ def _cmd_msd(args) -> None:
         _report(target, summary, json.load(f)['labels'])
 
 
+def _cmd_folder2d(args) -> None:
+    from nnunet_ext.conversion.folder2d import PRESETS, Layout, MaskRule, convert_folder2d
+    base = PRESETS[args.preset] if args.preset else Layout('images', 'masks')
+    layout = Layout(args.images or base.images, args.masks or base.masks,
+                    base.image_suffix if args.image_suffix is None else args.image_suffix,
+                    base.mask_suffix if args.mask_suffix is None else args.mask_suffix)
+    rule = MaskRule(threshold=None, values=tuple(args.mask_values)) if args.mask_values else MaskRule(args.threshold)
+    target, summary, labels = convert_folder2d(args.input, _raw_root(), args.id, args.name, layout, rule, args.grey,
+                                               args.resize, args.split, args.overwrite, args.np)
+    _report(target, summary, labels)
+
+
 def add_convert_parsers(sub) -> None:
     """Registers ``convert`` (one sub-subcommand per source) and ``preprocess-images`` on the CLI."""
     convert = sub.add_parser('convert', help="convert a dataset into nnU-Net's raw format (nnUNet_raw/DatasetNNN_NAME)",
@@ -71,6 +83,24 @@ def add_convert_parsers(sub) -> None:
     p = sources.add_parser('msd', help="a Medical Segmentation Decathlon task folder or .tar (nnU-Net's converter)")
     _add_common(p, '')
     p.set_defaults(func=_cmd_msd)
+
+    p = sources.add_parser('folder2d', help='2D image/mask collections (Kvasir-SEG, ISIC, DRIVE, CVC-ClinicDB, '
+                                            'images/ + masks/), PNG/JPG/TIF/GIF/BMP -> PNG')
+    _add_common(p, 'Images2D')
+    p.add_argument('--preset', choices=['kvasir', 'isic', 'drive', 'cvc'], default=None,
+                   help='a public layout (folders and suffixes); the options below override it')
+    p.add_argument('--images', default=None, help='image folder below INPUT (default: images)')
+    p.add_argument('--masks', default=None, help='mask folder below INPUT (default: masks)')
+    p.add_argument('--image-suffix', default=None, help='stem suffix of the images, e.g. _training (DRIVE)')
+    p.add_argument('--mask-suffix', default=None, help='stem suffix of the masks, e.g. _segmentation (ISIC)')
+    p.add_argument('--grey', action='store_true', help='convert images to one grey channel (default: keep RGB)')
+    p.add_argument('--threshold', type=int, default=128, help='binary masks: grey >= T is foreground (default 128)')
+    p.add_argument('--mask-values', type=int, nargs='+', default=None, metavar='GREY',
+                   help='multi-class masks: these grey values become labels 0, 1, 2, ... (exact match)')
+    p.add_argument('--resize', type=int, nargs=2, default=None, metavar=('ROWS', 'COLUMNS'),
+                   help='resize images (bilinear) and masks (nearest)')
+    p.add_argument('--split', default=None, help='file listing the test case stems (lines, or JSON {"test": [...]})')
+    p.set_defaults(func=_cmd_folder2d)
 
     p = sub.add_parser('preprocess-images', help='apply the conversion-time CT options (--window/--hist-eq) to new '
                                                  'images before nnUNetv2_predict')

@@ -94,7 +94,7 @@ class RawDatasetWriter:
     def __enter__(self) -> 'RawDatasetWriter':
         os.makedirs(self.raw_root, exist_ok=True)
         self.tmp = tempfile.mkdtemp(prefix=f'.{self.folder_name}.partial-', dir=self.raw_root)
-        for sub in ('imagesTr', 'labelsTr', 'imagesTs'):
+        for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
             os.makedirs(os.path.join(self.tmp, sub))
         return self
 
@@ -120,8 +120,9 @@ class RawDatasetWriter:
     def image_path(self, case_id: str, channel: int = 0, split: str = 'Tr') -> str:
         return os.path.join(self._tmp(), f'images{split}', f'{case_id}_{channel:04d}{self.file_ending}')
 
-    def label_path(self, case_id: str) -> str:
-        return os.path.join(self._tmp(), 'labelsTr', f'{case_id}{self.file_ending}')
+    def label_path(self, case_id: str, split: str = 'Tr') -> str:
+        """``labelsTr`` (training) or ``labelsTs`` (reference labels of test cases, for evaluation)."""
+        return os.path.join(self._tmp(), f'labels{split}', f'{case_id}{self.file_ending}')
 
     def _tmp(self) -> str:
         if self.tmp is None:
@@ -144,8 +145,9 @@ class RawDatasetWriter:
 
     def _move_into_place(self) -> None:
         tmp = self._tmp()
-        if not os.listdir(os.path.join(tmp, 'imagesTs')):
-            os.rmdir(os.path.join(tmp, 'imagesTs'))
+        for sub in ('imagesTs', 'labelsTs'):
+            if not os.listdir(os.path.join(tmp, sub)):
+                os.rmdir(os.path.join(tmp, sub))
         for old in self.existing:  # --overwrite: only now, after everything succeeded
             shutil.rmtree(old)
         os.replace(tmp, self.target)

@@ -1,0 +1,195 @@
+"""2D image/mask collections (Kvasir-SEG, ISIC 2018, DRIVE, CVC-ClinicDB, or any ``images/`` + ``masks/``
+pair of folders) into nnU-Net raw format, written as PNG for nnU-Net's ``NaturalImage2DIO``: one image
+file per case (RGB kept as its 3 channels R, G, B, or converted to grey with ``--grey``) and a uint8
+label PNG.
+
+Pairing: an image ``<stem><image_suffix>.<ext>`` goes with the mask ``<stem><mask_suffix>.<ext'>`` (any
+of PNG, JPG, TIF, GIF, BMP on either side). Presets give the public layouts:
+
+=============  ================================================  ==========================================
+preset         images / masks (below INPUT)                      suffixes (image / mask)
+=============  ================================================  ==========================================
+``kvasir``     ``images`` / ``masks``                            none
+``isic``       ``ISIC2018_Task1-2_Training_Input`` /             none / ``_segmentation``
+               ``ISIC2018_Task1_Training_GroundTruth``
+``drive``      ``training/images`` / ``training/1st_manual``     ``_training`` / ``_manual1``
+``cvc``        ``Original`` / ``Ground Truth``                   none
+=============  ================================================  ==========================================
+
+Masks: converted to grey (PIL's ``L``), then either binarised, ``value >= threshold`` -> 1 (default 128;
+JPEG masks are noisy), or mapped from listed grey values (``--mask-values 0 128 255`` -> labels 0, 1, 2;
+a grey value not listed is an error naming the case). ``--resize H W``: images bilinear, masks nearest
+(after binarisation / mapping). ``--split FILE``: the stems listed (one per line, or a JSON
+``{"test": [...]}``) go to ``imagesTs`` (their masks to ``labelsTs``, for ``nnunet-ext evaluate``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.errors import UserInputError
+
+IMAGE_ENDINGS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.gif', '.bmp')
+
+
+@dataclass(frozen=True)
+class Layout:
+    images: str
+    masks: str
+    image_suffix: str = ''
+    mask_suffix: str = ''
+
+
+PRESETS = {
+    'kvasir': Layout('images', 'masks'),
+    'isic': Layout('ISIC2018_Task1-2_Training_Input', 'ISIC2018_Task1_Training_GroundTruth', '', '_segmentation'),
+    'drive': Layout(os.path.join('training', 'images'), os.path.join('training', '1st_manual'), '_training', '_manual1'),
+    'cvc': Layout('Original', 'Ground Truth'),
+}
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """Binarise at ``threshold`` (grey >= threshold -> 1) or map ``values[i]`` -> label i."""
+    threshold: Optional[int] = 128
+    values: Optional[Tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if self.values is not None:
+            if len(set(self.values)) != len(self.values) or any(not 0 <= v <= 255 for v in self.values):
+                raise UserInputError(f"--mask-values must be distinct grey values in 0..255, got {list(self.values)}")
+        elif self.threshold is None or not 1 <= self.threshold <= 255:
+            raise UserInputError(f"--threshold must be in 1..255, got {self.threshold}")
+
+    @property
+    def labels(self) -> Dict[str, int]:
+        if self.values is None:
+            return {'background': 0, 'foreground': 1}
+        return {'background': 0, **{f'grey_{v}': i for i, v in enumerate(self.values) if i > 0}}
+
+    def apply(self, case: str, grey: np.ndarray) -> np.ndarray:
+        if self.values is None:
+            return (grey >= self.threshold).astype(np.uint8)
+        label = np.full(grey.shape, 255, np.uint8)
+        for i, v in enumerate(self.values):
+            label[grey == v] = i
+        unlisted = np.unique(grey[label == 255])
+        if unlisted.size:
+            raise UserInputError(f"{case}: mask grey values {unlisted[:10].tolist()} are not in --mask-values "
+                                 f"{list(self.values)} (noisy JPEG mask? use --threshold instead)")
+        return label
+
+
+def _index(folder: str, suffix: str, what: str) -> Dict[str, str]:
+    if not os.path.isdir(folder):
+        raise UserInputError(f"{what} folder {folder!r} does not exist")
+    found: Dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_ENDINGS or name.startswith('.'):
+            continue
+        if suffix:
+            if not stem.endswith(suffix):
+                continue
+            stem = stem[:-len(suffix)]
+        if stem in found:
+            raise UserInputError(f"duplicate {what} for case {stem!r}: {found[stem]} and {os.path.join(folder, name)}")
+        found[stem] = os.path.join(folder, name)
+    return found
+
+
+def _case_id(stem: str) -> str:
+    safe = ''.join(c if c.isalnum() or c in '-_' else '_' for c in stem)
+    return safe if safe[:1].isalnum() else f'c{safe}'
+
+
+def _read_test_stems(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise UserInputError(f"--split {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith('.json'):
+        content = json.loads(text)
+        if not isinstance(content, dict) or not isinstance(content.get('test'), list):
+            raise UserInputError(f"--split {path}: expected a JSON object with a 'test' list of case stems")
+        return [str(s) for s in content['test']]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _open(case: str, path: str):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserInputError(f"{case}: cannot read {path}: {e}") from None
+
+
+def convert_case(case: str, image_path: str, mask_path: str, image_out: str, label_out: str, grey: bool,
+                 rule: MaskRule, resize: Optional[Tuple[int, int]]) -> Tuple[int, Dict[int, int]]:
+    """Converts one image/mask pair (runs in a worker). Returns (channels, label voxel counts)."""
+    from PIL import Image
+    image, mask = _open(case, image_path), _open(case, mask_path)
+    if image.size != mask.size:
+        raise UserInputError(f"{case}: image {image.size[::-1]} and mask {mask.size[::-1]} (rows, columns) differ "
+                             f"in size ({image_path}, {mask_path})")
+    if grey:
+        image = image.convert('L')
+    elif image.mode != 'RGB':
+        if image.mode in ('L', 'I', 'I;16', 'F', '1'):
+            raise UserInputError(f"{case}: {image_path} is a grey image ({image.mode}) in an RGB conversion; "
+                                 f"pass --grey to convert every image to grey")
+        image = image.convert('RGB')  # palette / RGBA / CMYK -> the 3 colour channels
+    label = rule.apply(case, np.asarray(mask.convert('L')))
+    if resize is not None:
+        rows, cols = resize
+        image = image.resize((cols, rows), Image.BILINEAR)
+        label = np.asarray(Image.fromarray(label).resize((cols, rows), Image.NEAREST))
+    image.save(image_out)
+    Image.fromarray(label).save(label_out)
+    values, counts = np.unique(label, return_counts=True)
+    return (1 if grey else 3), dict(zip(values.tolist(), counts.tolist()))
+
+
+def convert_folder2d(input_folder: str, raw_root: str, dataset_id: int, name: str, layout: Layout,
+                     rule: MaskRule = MaskRule(), grey: bool = False, resize: Optional[Sequence[int]] = None,
+                     split_file: Optional[str] = None, overwrite: bool = False,
+                     num_processes: int = 2) -> Tuple[str, ConversionSummary, Dict[str, int]]:
+    images = _index(os.path.join(input_folder, layout.images), layout.image_suffix, 'image')
+    masks = _index(os.path.join(input_folder, layout.masks), layout.mask_suffix, 'mask')
+    no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
+    if no_mask:
+        raise UserInputError(f"no mask for image(s) {no_mask[:10]} (looked for <stem>{layout.mask_suffix}.* in "
+                             f"{os.path.join(input_folder, layout.masks)})")
+    if no_image:
+        raise UserInputError(f"no image for mask(s) {no_image[:10]} (looked for <stem>{layout.image_suffix}.* in "
+                             f"{os.path.join(input_folder, layout.images)})")
+    if not images:
+        raise UserInputError(f"no image/mask pairs in {os.path.join(input_folder, layout.images)} and "
+                             f"{os.path.join(input_folder, layout.masks)}")
+    test = set(_read_test_stems(split_file)) if split_file else set()
+    unknown = sorted(test - set(images))
+    if unknown:
+        raise UserInputError(f"--split lists case(s) not in the collection: {unknown[:10]}")
+    if resize is not None and (len(resize) != 2 or min(resize) < 1):
+        raise UserInputError(f"--resize needs two positive sizes (rows, columns), got {list(resize)}")
+    summary = ConversionSummary()
+    with RawDatasetWriter(raw_root, dataset_id, name, overwrite, file_ending='.png') as writer:
+        jobs = []
+        for stem in sorted(images):
+            case, split = _case_id(stem), ('Ts' if stem in test else 'Tr')
+            writer.claim_case(case, images[stem])
+            jobs.append((case, images[stem], masks[stem], writer.image_path(case, split=split),
+                         writer.label_path(case, split=split), grey, rule, tuple(resize) if resize else None))
+        for job, (_, counts) in zip(jobs, run_cases(convert_case, jobs, num_processes, 'images')):
+            summary.add('Ts' if '/imagesTs/' in job[3].replace(os.sep, '/') else 'Tr', (1.0, 1.0), counts)
+        channels = {0: 'grey'} if grey else {0: 'R', 1: 'G', 2: 'B'}
+        writer.finish(channels, rule.labels, description=f'2D collection converted by nnunet-ext from {input_folder}')
+    return writer.target, summary, rule.labels
