@@ -4,6 +4,7 @@
     nnunet-ext trainers                  the trainers this package provides
     nnunet-ext plan ID -pl PLANNER       plan (and preprocess) with one of our planners
     nnunet-ext demo [--budget N]         phantom dataset, nnUNetTrainer vs nnUNetTrainerGODC, Dice table
+    nnunet-ext evaluate PRED GT [-d ID]  Dice, IoU, precision, recall, HD95, ASD, RVD per case and class
 """
 from __future__ import annotations
 
@@ -68,6 +69,16 @@ def _cmd_demo(args) -> None:
                           iterations_per_epoch=args.iterations_per_epoch, device=device))
 
 
+def _cmd_evaluate(args) -> None:
+    from nnunet_ext.evaluation.evaluate import evaluate_folders
+    from nnunet_ext.evaluation.summary import format_table
+    arguments = {k: v for k, v in vars(args).items() if k != 'func'}
+    summary = evaluate_folders(args.pred, args.gt, args.d, args.o, args.np, args.labels, arguments,
+                               progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr))
+    print(format_table(summary['per_class']))
+    print(f"summary: {summary['output_file']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='nnunet-ext', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,6 +124,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', choices=['cpu', 'cuda', 'mps'], default=None, help='default: cuda if available')
     p.add_argument('--id', type=int, default=990, help='dataset id of the phantom dataset (default: 990)')
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser('evaluate', help='Dice, IoU, precision, recall, HD95, ASD, RVD per case and class',
+                       description='Evaluates the segmentations in PRED against the references in GT (matched by '
+                                   'file name), per case and class (or region), and writes a summary JSON; prints '
+                                   'mean ± std per class. HD95 and ASD in mm (image spacing). Conventions (empty '
+                                   'masks, ignore label) are in the JSON under "conventions".')
+    p.add_argument('pred', metavar='PRED', help='folder of predicted segmentations')
+    p.add_argument('gt', metavar='GT', help='folder of reference segmentations (same file names)')
+    p.add_argument('-d', metavar='DATASET', default=None,
+                   help='dataset id or name: labels/regions, ignore label and file ending from '
+                        '$nnUNet_raw/DATASET/dataset.json (default: labels > 0 found in GT)')
+    p.add_argument('-o', metavar='JSON', default=None, help='summary file (default: PRED/summary_nnunet_ext.json)')
+    p.add_argument('-np', type=int, default=2, help='processes (default: 2)')
+    p.add_argument('--labels', type=int, nargs='+', default=None, help='evaluate these labels (one class each)')
+    p.add_argument('--no_pbar', action='store_true')
+    p.set_defaults(func=_cmd_evaluate)
+
+    from nnunet_ext.conversion.commands import add_convert_parsers
+    add_convert_parsers(sub)
     return parser
 
 

@@ -28,7 +28,8 @@ def user_environment(root: str) -> Dict[str, str]:
 def run(cmd: Sequence[str], env: Dict[str, str], check: bool = True, timeout: float = 900,
         cwd: str | None = None) -> subprocess.CompletedProcess:
     cmd = [os.path.join(BIN, cmd[0]) if os.path.exists(os.path.join(BIN, cmd[0])) else cmd[0], *cmd[1:]]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding='utf-8', errors='replace',
+                            timeout=timeout, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout (tail)\n"
                              f"{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}")

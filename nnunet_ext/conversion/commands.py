@@ -8,8 +8,6 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
-
 from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.errors import UserInputError
 
@@ -69,6 +67,14 @@ def _cmd_folder2d(args) -> None:
     _report(target, summary, labels)
 
 
+def _cmd_ircadb(args) -> None:
+    from nnunet_ext.conversion.ircadb import DEFAULT_STRUCTURES, convert_ircadb, parse_structures
+    structures = parse_structures(args.structures) if args.structures else DEFAULT_STRUCTURES
+    target, summary, labels = convert_ircadb(args.input, _raw_root(), args.id, args.name, structures,
+                                             args.overwrite, _intensity(args), args.np)
+    _report(target, summary, labels)
+
+
 def add_convert_parsers(sub) -> None:
     """Registers ``convert`` (one sub-subcommand per source) and ``preprocess-images`` on the CLI."""
     convert = sub.add_parser('convert', help="convert a dataset into nnU-Net's raw format (nnUNet_raw/DatasetNNN_NAME)",
@@ -80,6 +86,13 @@ def add_convert_parsers(sub) -> None:
     _add_common(p, 'LiTS')
     _add_ct_options(p)
     p.set_defaults(func=_cmd_lits)
+    p = sources.add_parser('ircadb', help='3D-IRCADb-01: 3Dircadb1.N/{PATIENT_DICOM,MASKS_DICOM/<structure>} '
+                                          '(folders or .zip)')
+    _add_common(p, 'IRCADb')
+    p.add_argument('--structures', nargs='+', default=None, metavar='PATTERN=LABEL',
+                   help='mask folders (fnmatch patterns) to labels, later ones on top (default: liver=1 livertumor*=2)')
+    _add_ct_options(p)
+    p.set_defaults(func=_cmd_ircadb)
     p = sources.add_parser('msd', help="a Medical Segmentation Decathlon task folder or .tar (nnU-Net's converter)")
     _add_common(p, '')
     p.set_defaults(func=_cmd_msd)
@@ -146,9 +159,7 @@ def _cmd_preprocess_images(args) -> None:
     try:
         for name in tqdm(files, desc=f'CT intensity: {intensity.describe()}', unit='image'):
             image = sitk.ReadImage(os.path.join(args.input, name))
-            out = sitk.GetImageFromArray(intensity(sitk.GetArrayViewFromImage(image)).astype(np.float32))
-            out.CopyInformation(image)
-            sitk.WriteImage(out, os.path.join(scratch, name), useCompression=True)
+            sitk.WriteImage(intensity.apply_to_image(image), os.path.join(scratch, name), useCompression=True)
         for name in files:
             os.replace(os.path.join(scratch, name), os.path.join(args.output, name))
     finally:

@@ -61,6 +61,19 @@ class CTIntensity:
             out = equalize_histogram(out)
         return out
 
+    def apply_to_image(self, image):
+        """The options applied to a SimpleITK image (geometry kept); the image itself when none is set."""
+        if not self.active:
+            return image
+        import SimpleITK as sitk
+        out = sitk.GetImageFromArray(self(sitk.GetArrayViewFromImage(image)))
+        out.CopyInformation(image)
+        return out
+
+    def record(self) -> dict:
+        """What dataset.json records (key ``nnunet_ext_intensity``), read back by ``preprocess-images -d``."""
+        return {'window': list(self.window) if self.window is not None else None, 'hist_eq': self.hist_eq}
+
     def describe(self) -> str:
         parts = []
         if self.window is not None:

@@ -7,7 +7,7 @@ to ``imagesTs``. Labels: 0 background, 1 liver, 2 tumour. Case ids ``lits_NNN`` 
 
 Each case is checked before it is written: a segmentation exists for every volume (and vice versa),
 image and segmentation have the same size and the same geometry (spacing, origin, direction up to
-``GEOMETRY_TOLERANCE``; the label then gets the image's geometry exactly, as nnU-Net's integrity check
+``geometry.GEOMETRY_TOLERANCE``; the label then gets the image's geometry exactly, as nnU-Net's integrity check
 wants), the label values are within {0, 1, 2}. Cases are converted one at a time per worker
 (streaming; the download is ~15 GB).
 """
@@ -21,12 +21,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
+from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.conversion.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.errors import UserInputError
 
 LABELS = {'background': 0, 'liver': 1, 'tumor': 2}
-GEOMETRY_TOLERANCE = 1e-3  # mm for spacing and origin, absolute for direction cosines
 _PATTERNS = {
     'volume': re.compile(r'^volume-(\d+)\.nii(\.gz)?$'),
     'segmentation': re.compile(r'^segmentation-(\d+)\.nii(\.gz)?$'),
@@ -52,17 +52,6 @@ def find_lits_files(input_folder: str) -> Dict[str, Dict[int, str]]:
     return found
 
 
-def _check_geometry(case: str, image: sitk.Image, label: sitk.Image) -> None:
-    if image.GetSize() != label.GetSize():
-        raise UserInputError(f"{case}: image size {image.GetSize()} and segmentation size {label.GetSize()} differ")
-    for what, a, b in (('spacing', image.GetSpacing(), label.GetSpacing()),
-                       ('origin', image.GetOrigin(), label.GetOrigin()),
-                       ('direction', image.GetDirection(), label.GetDirection())):
-        if not np.allclose(a, b, rtol=0, atol=GEOMETRY_TOLERANCE):
-            raise UserInputError(f"{case}: image and segmentation {what} differ: {tuple(np.round(a, 4))} vs "
-                                 f"{tuple(np.round(b, 4))}")
-
-
 def _read(case: str, path: str) -> sitk.Image:
     try:
         return sitk.ReadImage(path)
@@ -80,7 +69,7 @@ def convert_case(case: str, image_path: str, label_path: Optional[str], image_ou
     counts: Dict[int, int] = {}
     if label_path is not None:
         label = _read(case, label_path)
-        _check_geometry(case, image, label)
+        check_same_grid(case, image, label)
         values = sitk.GetArrayViewFromImage(label)
         if not np.all(np.equal(np.mod(values, 1), 0)):
             raise UserInputError(f"{case}: segmentation has non-integer values ({label_path})")
@@ -90,14 +79,8 @@ def convert_case(case: str, image_path: str, label_path: Optional[str], image_ou
             raise UserInputError(f"{case}: unexpected label values {unexpected} (allowed {list(allowed_labels)}) "
                                  f"in {label_path}")
         counts = dict(zip(unique.tolist(), n.tolist()))
-        out = sitk.GetImageFromArray(values.astype(np.uint8))
-        out.CopyInformation(image)
-        sitk.WriteImage(out, label_out, useCompression=True)
-    if intensity.active:
-        transformed = sitk.GetImageFromArray(intensity(sitk.GetArrayViewFromImage(image)))
-        transformed.CopyInformation(image)
-        image = transformed
-    sitk.WriteImage(image, image_out, useCompression=True)
+        sitk.WriteImage(label_image(values, image), label_out, useCompression=True)
+    sitk.WriteImage(intensity.apply_to_image(image), image_out, useCompression=True)
     return tuple(image.GetSpacing()), counts
 
 
@@ -130,10 +113,6 @@ def convert_lits(input_folder: str, raw_root: str, dataset_id: int, name: str = 
             summary.add('Tr' if job[2] is not None else 'Ts', spacing, counts)
         target = writer.finish({0: 'CT'}, LABELS, reference='https://competitions.codalab.org/competitions/17094',
                                description='LiTS converted by nnunet-ext',
-                               nnunet_ext_intensity=intensity_record(intensity))
+                               nnunet_ext_intensity=intensity.record())
     return target, summary
 
-
-def intensity_record(intensity: CTIntensity) -> Dict[str, object]:
-    """What dataset.json records of --window / --hist-eq, read back by ``nnunet-ext preprocess-images -d``."""
-    return {'window': list(intensity.window) if intensity.window is not None else None, 'hist_eq': intensity.hist_eq}
