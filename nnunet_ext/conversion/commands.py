@@ -75,6 +75,16 @@ def _cmd_ircadb(args) -> None:
     _report(target, summary, labels)
 
 
+def _cmd_nih_pancreas(args) -> None:
+    from nnunet_ext.conversion.nih_pancreas import LABELS, convert_nih_pancreas
+    target, summary, notes = convert_nih_pancreas(args.input, _raw_root(), args.id, args.name, args.overwrite,
+                                                  _intensity(args), args.np)
+    _report(target, summary, LABELS)
+    print(f"labels re-oriented to the CT's orientation (verified by geometry): {len(notes)} case(s)")
+    for note in notes:
+        print(f"  {note}")
+
+
 def add_convert_parsers(sub) -> None:
     """Registers ``convert`` (one sub-subcommand per source) and ``preprocess-images`` on the CLI."""
     convert = sub.add_parser('convert', help="convert a dataset into nnU-Net's raw format (nnUNet_raw/DatasetNNN_NAME)",
@@ -93,6 +103,11 @@ def add_convert_parsers(sub) -> None:
                    help='mask folders (fnmatch patterns) to labels, later ones on top (default: liver=1 livertumor*=2)')
     _add_ct_options(p)
     p.set_defaults(func=_cmd_ircadb)
+    p = sources.add_parser('nih-pancreas', help='NIH Pancreas-CT: PANCREAS_NNNN/<study>/<series>/*.dcm + '
+                                                'labelNNNN.nii.gz (orientation verified by geometry)')
+    _add_common(p, 'PancreasCT')
+    _add_ct_options(p)
+    p.set_defaults(func=_cmd_nih_pancreas)
     p = sources.add_parser('msd', help="a Medical Segmentation Decathlon task folder or .tar (nnU-Net's converter)")
     _add_common(p, '')
     p.set_defaults(func=_cmd_msd)
