@@ -85,6 +85,13 @@ def _cmd_nih_pancreas(args) -> None:
         print(f"  {note}")
 
 
+def _cmd_chaos(args) -> None:
+    from nnunet_ext.conversion.chaos import convert_chaos
+    target, summary, labels = convert_chaos(args.input, _raw_root(), args.id, args.modality, args.name,
+                                            args.merge_kidneys, args.overwrite, args.np)
+    _report(target, summary, labels)
+
+
 def add_convert_parsers(sub) -> None:
     """Registers ``convert`` (one sub-subcommand per source) and ``preprocess-images`` on the CLI."""
     convert = sub.add_parser('convert', help="convert a dataset into nnU-Net's raw format (nnUNet_raw/DatasetNNN_NAME)",
@@ -108,6 +115,12 @@ def add_convert_parsers(sub) -> None:
     _add_common(p, 'PancreasCT')
     _add_ct_options(p)
     p.set_defaults(func=_cmd_nih_pancreas)
+    p = sources.add_parser('chaos', help='CHAOS CT or MR (T1DUAL in/out phase as two channels, T2SPIR) DICOM + '
+                                         'PNG ground truth, one modality per dataset')
+    _add_common(p, '')
+    p.add_argument('--modality', required=True, choices=['CT', 'T1DUAL', 'T2SPIR'])
+    p.add_argument('--merge-kidneys', action='store_true', help='one kidney label (as in the ANU-Net paper)')
+    p.set_defaults(func=_cmd_chaos)
     p = sources.add_parser('msd', help="a Medical Segmentation Decathlon task folder or .tar (nnU-Net's converter)")
     _add_common(p, '')
     p.set_defaults(func=_cmd_msd)
