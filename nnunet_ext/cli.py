@@ -5,6 +5,8 @@
     nnunet-ext plan ID -pl PLANNER       plan (and preprocess) with one of our planners
     nnunet-ext demo [--budget N]         phantom dataset, nnUNetTrainer vs nnUNetTrainerGODC, Dice table
     nnunet-ext evaluate PRED GT [-d ID]  Dice, IoU, precision, recall, HD95, ASD, RVD per case and class
+    nnunet-ext convert SOURCE IN --id N  a dataset (lits, ircadb, nih-pancreas, msd, chaos, folder2d) -> nnUNet_raw
+    nnunet-ext preprocess-images IN OUT  the conversion-time CT window / histogram equalisation on new images
 """
 from __future__ import annotations
 
