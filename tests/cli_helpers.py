@@ -49,3 +49,9 @@ def planned_phantom(env: Dict[str, str], dataset_id: int, name: str, configurati
     run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '--verify_dataset_integrity', '-c', configuration,
          '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0
     return dataset
+
+
+def verify_raw_dataset(folder: str) -> None:
+    """nnU-Net's own integrity check of a raw dataset (raises on any problem)."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    verify_dataset_integrity(folder, num_processes=1)

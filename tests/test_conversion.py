@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_helpers import run, user_environment
+from cli_helpers import run, verify_raw_dataset
 
 SPACING = (0.7, 0.8, 2.5)  # x, y, z in mm
 SHAPE_XYZ = (20, 18, 6)
@@ -65,11 +65,6 @@ def _lits_source(root: str, cases=(0, 1, 2)) -> dict:
     return arrays
 
 
-@pytest.fixture
-def env(tmp_path):
-    return user_environment(str(tmp_path / 'data'))
-
-
 def _sitk_array_xyz(path):
     """SimpleITK's (z, y, x) array back in nibabel's (x, y, z) order."""
     return sitk.GetArrayFromImage(sitk.ReadImage(path)).transpose(2, 1, 0)
@@ -86,8 +81,7 @@ def test_lits_conversion_keeps_values_labels_and_geometry_and_passes_nnunet_inte
     target = os.path.join(env['nnUNet_raw'], 'Dataset501_LiTS')
     assert 'cases: 3 training, 1 test' in out
     assert sorted(os.listdir(env['nnUNet_raw'])) == ['Dataset501_LiTS']  # no temporary folder left
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(target, num_processes=1)
+    verify_raw_dataset(target)
     dataset = json.load(open(os.path.join(target, 'dataset.json')))
     assert dataset['labels'] == {'background': 0, 'liver': 1, 'tumor': 2} and dataset['numTraining'] == 3
     total = np.zeros(3, int)
@@ -234,8 +228,7 @@ def test_msd_task_folder_and_tar_are_converted_with_channels_split(tmp_path, env
             archive.add(task, arcname='Task05_Prostate')
     run(['nnunet-ext', 'convert', 'msd', source, '--id', '505', '-np', '2'], env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset505_Prostate')
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(target, num_processes=1)
+    verify_raw_dataset(target)
     dataset = json.load(open(os.path.join(target, 'dataset.json')))
     assert dataset['channel_names'] == {'0': 'T2', '1': 'ADC'} and dataset['labels'] == {'background': 0, 'prostate': 1}
     for name, (image, label) in cases.items():

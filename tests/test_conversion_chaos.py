@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from cli_helpers import run, user_environment
+from cli_helpers import run, verify_raw_dataset
 from dicom_helpers import write_dicom_series
 
 SHAPE = (5, 12, 16)  # z, y, x
@@ -69,18 +69,8 @@ def _ct_case(root, number, label, split='Train_Sets'):
     return array
 
 
-@pytest.fixture
-def env(tmp_path):
-    return user_environment(str(tmp_path / 'data'))
-
-
 def _read(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
-
-
-def _verify(target):
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(target, num_processes=1)
 
 
 def test_ct_slices_follow_dicom_positions_and_test_patients_go_to_imagesTs(tmp_path, env):
@@ -90,7 +80,7 @@ def test_ct_slices_follow_dicom_positions_and_test_patients_go_to_imagesTs(tmp_p
     test_ct = _ct_case(src, 30, _organs(3), split='Test_Sets')
     out = run(['nnunet-ext', 'convert', 'chaos', src, '--modality', 'CT', '--id', '721'], env).stdout
     target = os.path.join(env['nnUNet_raw'], 'Dataset721_CHAOSCT')
-    _verify(target)
+    verify_raw_dataset(target)
     assert 'cases: 2 training, 1 test' in out
     for n in labels:
         np.testing.assert_array_equal(_read(os.path.join(target, 'imagesTr', f'chaos_ct_{n:02d}_0000.nii.gz')), cts[n])
@@ -107,7 +97,7 @@ def test_t2spir_grey_levels_map_to_organs_and_kidneys_can_be_merged(tmp_path, en
     run(['nnunet-ext', 'convert', 'chaos', src, '--modality', 'T2SPIR', '--id', '722']
         + (['--merge-kidneys'] if merge else []), env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset722_CHAOST2SPIR')
-    _verify(target)
+    verify_raw_dataset(target)
     expected = np.select([label == 1, label == 2, label == 3, label == 4], [1, 2, 2, 3] if merge else [1, 2, 3, 4], 0)
     np.testing.assert_array_equal(_read(os.path.join(target, 'labelsTr', 'chaos_t2spir_01.nii.gz')), expected)
     np.testing.assert_array_equal(_read(os.path.join(target, 'imagesTr', 'chaos_t2spir_01_0000.nii.gz')), image)
@@ -119,7 +109,7 @@ def test_t1dual_phases_become_two_channels(tmp_path, env):
     in_phase, out_phase = _mr_case(src, 2, 'T1DUAL', label)
     run(['nnunet-ext', 'convert', 'chaos', src, '--modality', 'T1DUAL', '--id', '723'], env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset723_CHAOST1DUAL')
-    _verify(target)
+    verify_raw_dataset(target)
     np.testing.assert_array_equal(_read(os.path.join(target, 'imagesTr', 'chaos_t1dual_02_0000.nii.gz')), in_phase)
     np.testing.assert_array_equal(_read(os.path.join(target, 'imagesTr', 'chaos_t1dual_02_0001.nii.gz')), out_phase)
     np.testing.assert_array_equal(_read(os.path.join(target, 'labelsTr', 'chaos_t1dual_02.nii.gz')), label)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import run, user_environment
+from cli_helpers import run, verify_raw_dataset
 
 SIZE = (40, 52)  # rows, columns
 
@@ -30,18 +30,8 @@ def _binary(seed: int) -> np.ndarray:
     return mask
 
 
-@pytest.fixture
-def env(tmp_path):
-    return user_environment(str(tmp_path / 'data'))
-
-
 def _png(path):
     return np.asarray(Image.open(path))
-
-
-def _verify(target):
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(target, num_processes=1)
 
 
 def test_kvasir_jpegs_keep_rgb_binarise_noisy_masks_and_split_test_cases(tmp_path, env):
@@ -57,7 +47,7 @@ def test_kvasir_jpegs_keep_rgb_binarise_noisy_masks_and_split_test_cases(tmp_pat
                '--split', str(tmp_path / 'test.txt')], env).stdout
     target = os.path.join(env['nnUNet_raw'], 'Dataset601_Images2D')
     assert 'cases: 3 training, 1 test' in out
-    _verify(target)
+    verify_raw_dataset(target)
     dataset = json.load(open(os.path.join(target, 'dataset.json')))
     assert dataset['channel_names'] == {'0': 'R', '1': 'G', '2': 'B'} and dataset['file_ending'] == '.png'
     for i, stem in enumerate(stems):
@@ -78,7 +68,7 @@ def test_isic_suffix_and_grey_conversion(tmp_path, env):
                                                f'ISIC_000000{i}_segmentation.png')
     run(['nnunet-ext', 'convert', 'folder2d', str(src), '--preset', 'isic', '--id', '602', '--grey', '-np', '1'], env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset602_Images2D')
-    _verify(target)
+    verify_raw_dataset(target)
     for i in range(2):
         rgb = np.asarray(Image.open(src / 'ISIC2018_Task1-2_Training_Input' / f'ISIC_000000{i}.jpg')).astype(float)
         luma = rgb @ np.array([299, 587, 114]) / 1000  # ITU-R 601-2, PIL's "L"
@@ -97,7 +87,7 @@ def test_drive_tif_images_gif_masks_with_suffixes_and_resize(tmp_path, env):
     run(['nnunet-ext', 'convert', 'folder2d', str(src), '--preset', 'drive', '--id', '603', '--resize', '20', '26'],
         env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset603_Images2D')
-    _verify(target)
+    verify_raw_dataset(target)
     for n in (21, 22):
         assert _png(os.path.join(target, 'imagesTr', f'{n}_0000.png')).shape == (20, 26, 3)
         # nearest-neighbour down-sampling by 2 of the mask: PIL samples the pixel at 2i + 1 of each axis

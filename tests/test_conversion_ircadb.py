@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_helpers import run, user_environment
+from cli_helpers import run, verify_raw_dataset
 from dicom_helpers import write_dicom_series
 
 SHAPE = (6, 16, 20)  # z, y, x
@@ -42,11 +42,6 @@ def _patient(root, number, zipped):
     return ct, masks
 
 
-@pytest.fixture
-def env(tmp_path):
-    return user_environment(str(tmp_path / 'data'))
-
-
 def _expected(masks, structures):
     label = np.zeros(SHAPE, np.uint8)
     for names, value in structures:
@@ -60,8 +55,7 @@ def test_patients_zipped_or_not_give_liver_and_merged_tumours_in_position_order(
     data = {1: _patient(src, 1, zipped=True), 2: _patient(src, 2, zipped=False)}
     out = run(['nnunet-ext', 'convert', 'ircadb', src, '--id', '701'], env).stdout
     target = os.path.join(env['nnUNet_raw'], 'Dataset701_IRCADb')
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(target, num_processes=1)
+    verify_raw_dataset(target)
     assert 'cases: 2 training, 0 test' in out
     for number, (ct, masks) in data.items():
         image = sitk.ReadImage(os.path.join(target, 'imagesTr', f'ircadb_{number:02d}_0000.nii.gz'))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_helpers import run, user_environment
+from cli_helpers import run, verify_raw_dataset
 from dicom_helpers import write_dicom_series
 
 SHAPE = (5, 14, 18)  # z, y, x
@@ -36,11 +36,6 @@ def _case(root, number, label_orientation='LPI', label_shift=0.0, label_value=1)
     return ct, pancreas, stored
 
 
-@pytest.fixture
-def env(tmp_path):
-    return user_environment(str(tmp_path / 'data'))
-
-
 def test_labels_in_another_axis_order_are_reoriented_by_geometry(tmp_path, env):
     src = str(tmp_path / 'src')
     flipped = _case(src, 1, 'LPI')
@@ -50,8 +45,7 @@ def test_labels_in_another_axis_order_are_reoriented_by_geometry(tmp_path, env):
     out = run(['nnunet-ext', 'convert', 'nih-pancreas', src, '--id', '711'], env).stdout
     assert 'pancreas_0001: label re-oriented LPI -> LPS' in out and 'pancreas_0002' not in out.split('re-oriented')[-1]
     target = os.path.join(env['nnUNet_raw'], 'Dataset711_PancreasCT')
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(target, num_processes=1)
+    verify_raw_dataset(target)
     for number, (ct, pancreas, _) in ((1, flipped), (2, aligned)):
         np.testing.assert_array_equal(
             sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(target, 'imagesTr', f'pancreas_{number:04d}_0000.nii.gz'))), ct)
