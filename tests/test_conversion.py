@@ -136,6 +136,10 @@ def _break_missing_segmentation(root):
     os.remove(os.path.join(root, 'Training Batch 2', 'segmentation-1.nii'))
 
 
+def _break_missing_volume(root):
+    os.remove(os.path.join(root, 'Training Batch 2', 'volume-1.nii'))
+
+
 def _break_shape(root):
     _save(np.zeros((20, 18, 5), np.uint8), os.path.join(root, 'Training Batch 1', 'segmentation-2.nii.gz'))
 
@@ -163,6 +167,7 @@ def _break_unreadable(root):
 
 @pytest.mark.parametrize('breakage, message', [
     (_break_missing_segmentation, r'no segmentation for volume\(s\) \[1\]'),
+    (_break_missing_volume, r'no volume for segmentation\(s\) \[1\]'),
     (_break_shape, r'lits_002: image size \(20, 18, 6\) and segmentation size \(20, 18, 5\) differ'),
     (_break_geometry, r'lits_002: image and segmentation spacing differ'),
     (_break_labels, r'lits_000: unexpected label values \[7\]'),
