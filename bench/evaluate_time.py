@@ -81,7 +81,7 @@ def main() -> None:
         output = os.path.join(root, 'summary.json')
         command = [script, 'evaluate', pred_folder, gt_folder, '-np', str(args.np), '-o', output, '--no_pbar']
         start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, encoding='utf-8')
         seconds = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"nnunet-ext evaluate failed ({result.returncode}):\n{result.stderr}")

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 locale (LANG=C on old systems) must not crash
+        if hasattr(stream, 'reconfigure'):   # printing '±' or a progress bar: escape what it cannot encode
+            stream.reconfigure(errors='backslashreplace')
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

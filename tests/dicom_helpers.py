@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ext.conversion.dicom import keep_locale
+
 
 def write_dicom_series(folder: str, array_zyx: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-120.0, 30.0, 55.0),
                        names: Optional[Sequence[str]] = None, shuffle_names: bool = False, series_uid: str = '1.2.826.0.1.3680043.2.1125.1',
@@ -45,5 +47,6 @@ def write_dicom_series(folder: str, array_zyx: np.ndarray, spacing=(0.7, 0.8, 2.
         for tag, value in tags.items():
             slice_.SetMetaData(tag, value)
         writer.SetFileName(os.path.join(folder, names[order[k]]))
-        writer.Execute(slice_)
+        with keep_locale():  # GDCM resets the process locale to "C"
+            writer.Execute(slice_)
     return volume

@@ -71,7 +71,7 @@ def test_trainers_lists_every_trainer_and_nnunet_finds_each(env):
 
 def test_readme_subclass_in_a_user_trainer_folder_is_found(env, tmp_path):
     """The README's example: a user's own trainer folder next to ours in nnUNet_extTrainer."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md'), encoding='utf-8').read()
     snippet = re.search(r'```python\n(# my_trainers\.py.*?)```', readme, re.S).group(1)
     folder = tmp_path / 'my_trainer_folder'
     folder.mkdir()

@@ -83,7 +83,7 @@ def setup(tmp_path_factory):
 
 def _evaluate(setup, *args, check=True):
     result = subprocess.run([SCRIPT, 'evaluate', *args, '--no_pbar'], env=setup['env'], capture_output=True,
-                            text=True, timeout=120)
+                            text=True, encoding='utf-8', timeout=120)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -120,7 +120,7 @@ def _check_against_oracle(summary, setup, masks, ignore=None):
 def test_dataset_labels_and_ignore_label(setup):
     result = _evaluate(setup, setup['pred'], setup['gt'], '-d', '997', '-np', '2')
     summary_file = os.path.join(setup['pred'], 'summary_nnunet_ext.json')
-    with open(summary_file) as f:
+    with open(summary_file, encoding='utf-8') as f:
         summary = json.load(f)
     assert [c['name'] for c in summary['classes']] == ['liver', 'tumour']
     assert summary['ignore_label'] == IGNORE and summary['dataset'] == 'Dataset997_EvalToy'
@@ -139,7 +139,7 @@ def test_dataset_labels_and_ignore_label(setup):
 def test_regions(setup):
     out = str(setup['root'] / 'regions.json')
     _evaluate(setup, setup['pred'], setup['gt'], '-d', 'Dataset998_EvalRegions', '-o', out, '-np', '1')
-    with open(out) as f:
+    with open(out, encoding='utf-8') as f:
         summary = json.load(f)
     assert summary['classes'] == [{"name": "organ", "labels": [1, 2], "region": True},
                                   {"name": "tumour", "labels": [2], "region": False}]
@@ -149,7 +149,7 @@ def test_regions(setup):
 def test_without_dataset_labels_found_in_references(setup):
     out = str(setup['root'] / 'found.json')
     result = _evaluate(setup, setup['pred'], setup['gt'], '-o', out)
-    with open(out) as f:
+    with open(out, encoding='utf-8') as f:
         summary = json.load(f)
     # no dataset.json: the ignore label is an ordinary label found in the references
     assert [c['name'] for c in summary['classes']] == ['1', '2', '3'] and summary['ignore_label'] is None
@@ -158,7 +158,7 @@ def test_without_dataset_labels_found_in_references(setup):
 
     out = str(setup['root'] / 'labels.json')
     _evaluate(setup, setup['pred'], setup['gt'], '-o', out, '--labels', '2', '-np', '1')
-    with open(out) as f:
+    with open(out, encoding='utf-8') as f:
         assert [c['name'] for c in json.load(f)['classes']] == ['2']
 
 

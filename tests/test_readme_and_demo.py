@@ -18,20 +18,20 @@ def _fenced_commands(text):
 
 
 def test_readme_fresh_machine_commands_and_ci_agree():
-    readme = open(os.path.join(ROOT, 'README.md')).read()
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
     commands = _fenced_commands(readme)
     demo = next(c for c in commands if c.endswith('nnunet-ext demo'))
     tests = next(c for c in commands if 'pytest' in c)
     assert "pip install -e . " in demo
     test_command = tests.split('&&')[-1].strip()
-    ci = open(os.path.join(ROOT, '.ci', 'run')).read()
+    ci = open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8').read()
     assert "pip install --quiet -e '.[test]'" in ci and "pip install -e '.[test]'" in tests
     assert re.search(rf'^{re.escape(test_command)}$', ci, re.M), f'.ci/run must run {test_command!r}'
 
 
 def test_readme_trainer_table_matches_the_package():
     from nnunet_ext.registry import trainer_classes
-    readme = open(os.path.join(ROOT, 'README.md')).read()
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
     listed = set(re.findall(r'^\| `(nnUNetTrainer\w+)` \|', readme, re.M))
     assert listed == set(trainer_classes())
 

@@ -51,7 +51,7 @@ def mll_run(request, tmp_path_factory):
                  'nnUNet_ext_num_iterations_per_epoch': '2', 'nnUNet_ext_num_val_iterations_per_epoch': '1'}
     run(['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', 'nnUNetTrainerMLL', '-device', 'cpu'], train_env)
     results = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerMLL__nnUNetPlans__{configuration}', 'fold_0')
-    log = open(sorted(glob.glob(os.path.join(results, 'training_log_*.txt')))[-1]).read()
+    log = open(sorted(glob.glob(os.path.join(results, 'training_log_*.txt')))[-1], encoding='utf-8').read()
     images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
     predictions = os.path.join(root, 'predictions')
     run(['nnUNetv2_predict', '-i', images, '-o', predictions, '-d', str(dataset_id), '-c', configuration, '-tr',

@@ -51,7 +51,7 @@ def _cmd_lits(args) -> None:
 def _cmd_msd(args) -> None:
     from nnunet_ext.conversion.msd import convert_msd
     target, summary = convert_msd(args.input, _raw_root(), args.id, args.name, args.overwrite, args.np)
-    with open(os.path.join(target, 'dataset.json')) as f:
+    with open(os.path.join(target, 'dataset.json'), encoding='utf-8') as f:
         _report(target, summary, json.load(f)['labels'])
 
 
@@ -159,7 +159,7 @@ def _dataset_intensity(dataset_id: int) -> CTIntensity:
     if len(matches) != 1:
         raise UserInputError(f"-d {dataset_id}: expected one nnUNet_raw/Dataset{dataset_id:03d}_*/dataset.json, "
                              f"found {len(matches)}")
-    with open(matches[0]) as f:
+    with open(matches[0], encoding='utf-8') as f:
         record = json.load(f).get('nnunet_ext_intensity')
     if record is None:
         raise UserInputError(f"{matches[0]} records no CT intensity options (not converted by nnunet-ext convert)")

@@ -1,23 +1,39 @@
 """Reading DICOM series with SimpleITK (GDCM): slices sorted by their position along the slice normal
 (``ImagePositionPatient`` / ``ImageOrientationPatient``), not by file name, and zipped folders
-extracted to a scratch directory first (3D-IRCADb ships ``PATIENT_DICOM.zip`` and ``MASKS_DICOM.zip``)."""
+extracted to a scratch directory first (3D-IRCADb ships ``PATIENT_DICOM.zip`` and ``MASKS_DICOM.zip``).
+
+GDCM sets the process locale to "C" when it reads or writes DICOM (Python's default text encoding
+then becomes ASCII); every GDCM call here runs inside :func:`keep_locale`, which restores it.
+"""
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 import zipfile
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
-import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ext.errors import UserInputError
+
+
+@contextlib.contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restores the process locale that GDCM resets to "C"."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def series_files(case: str, folder: str) -> List[str]:
     """The files of the one DICOM series in ``folder``, sorted by slice position (GDCM's sorter)."""
     if not os.path.isdir(folder):
         raise UserInputError(f"{case}: DICOM folder {folder} does not exist")
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    with keep_locale():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not ids:
         names = [n for n in os.listdir(folder) if not n.startswith('.')]
         if not names:
@@ -25,21 +41,8 @@ def series_files(case: str, folder: str) -> List[str]:
         raise UserInputError(f"{case}: no readable DICOM series in {folder} ({len(names)} files, none DICOM)")
     if len(ids) > 1:
         raise UserInputError(f"{case}: {len(ids)} DICOM series in {folder}; expected one")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
-    return files
-
-
-def positions_along_normal(files: List[str]) -> np.ndarray:
-    """Slice positions projected on the slice normal (mm), from the files' own tags."""
-    out = []
-    for f in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(f)
-        reader.ReadImageInformation()
-        ipp = np.array([float(v) for v in reader.GetMetaData('0020|0032').split('\\')])
-        iop = np.array([float(v) for v in reader.GetMetaData('0020|0037').split('\\')])
-        out.append(float(np.dot(ipp, np.cross(iop[:3], iop[3:]))))
-    return np.array(out)
+    with keep_locale():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, ids[0]))
 
 
 def read_series(case: str, folder: str, files: Optional[List[str]] = None) -> sitk.Image:
@@ -48,7 +51,8 @@ def read_series(case: str, folder: str, files: Optional[List[str]] = None) -> si
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with keep_locale():
+            image = reader.Execute()
     except RuntimeError as e:
         raise UserInputError(f"{case}: cannot read the DICOM series in {folder}: "
                              f"{str(e).strip().splitlines()[-1]}") from None

@@ -112,7 +112,7 @@ def _case_id(stem: str) -> str:
 def _read_test_stems(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise UserInputError(f"--split {path!r} does not exist")
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         text = f.read()
     if path.endswith('.json'):
         content = json.loads(text)

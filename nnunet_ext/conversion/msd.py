@@ -44,7 +44,7 @@ def convert_msd(input_path: str, raw_root: str, dataset_id: int, name: str = '',
     from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
     with tempfile.TemporaryDirectory(prefix='nnunet_ext_msd_') as scratch:
         task = _task_folder(input_path, scratch)
-        with open(os.path.join(task, 'dataset.json')) as f:
+        with open(os.path.join(task, 'dataset.json'), encoding='utf-8') as f:
             meta = json.load(f)
         for key in ('labels', 'modality'):
             if key not in meta:

@@ -56,7 +56,7 @@ def dataset_labels(dataset: str) -> DatasetLabels:
     path = os.path.join(os.environ['nnUNet_raw'], name, 'dataset.json')
     if not os.path.isfile(path):
         raise UserInputError(f"-d {dataset}: {path} does not exist (evaluate reads the raw dataset's dataset.json)")
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         dataset_json = json.load(f)
     for key in ('labels', 'file_ending'):
         if key not in dataset_json:
@@ -186,7 +186,7 @@ def write_json_atomic(content: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
-        with os.fdopen(handle, 'w') as f:
+        with os.fdopen(handle, 'w', encoding='utf-8') as f:
             json.dump(nan_to_none(content), f, indent=2, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
