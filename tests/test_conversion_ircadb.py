@@ -110,3 +110,15 @@ def test_bad_patients_are_refused_naming_the_case_and_leave_nothing(tmp_path, en
     result = run(['nnunet-ext', 'convert', 'ircadb', src, '--id', '703'], env, check=False)
     assert result.returncode == 2 and re.search(message, result.stderr), result.stderr
     assert 'Traceback' not in result.stderr and os.listdir(env['nnUNet_raw']) == []
+
+
+def test_reading_a_dicom_series_keeps_the_process_locale(tmp_path):
+    """GDCM resets the locale to "C" (Python's default text encoding would become ASCII)."""
+    import locale
+    from nnunet_ext.conversion.dicom import read_series
+    ct, _ = _arrays(5)
+    write_dicom_series(str(tmp_path / 'series'), ct)
+    before = locale.setlocale(locale.LC_ALL)
+    image = read_series('case', str(tmp_path / 'series'))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), ct)
+    assert locale.setlocale(locale.LC_ALL) == before
