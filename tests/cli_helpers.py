@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from typing import Callable, Dict, Optional, Sequence
@@ -55,3 +56,12 @@ def verify_raw_dataset(folder: str) -> None:
     """nnU-Net's own integrity check of a raw dataset (raises on any problem)."""
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     verify_dataset_integrity(folder, num_processes=1)
+
+
+def assert_refused(result: subprocess.CompletedProcess, pattern: str, raw_folder: str) -> None:
+    """A user error: exit code 2, stderr matching the regex ``pattern``, no traceback, and nothing left
+    in ``raw_folder`` (the converters' all-or-nothing promise)."""
+    assert result.returncode == 2, result.stderr
+    assert re.search(pattern, result.stderr), result.stderr
+    assert 'Traceback' not in result.stderr, result.stderr
+    assert os.listdir(raw_folder) == [], os.listdir(raw_folder)

@@ -3,14 +3,13 @@ their slice positions, PNG ground truth with CHAOS's grey levels, CT / T1DUAL (t
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from cli_helpers import run, verify_raw_dataset
+from cli_helpers import assert_refused, run, verify_raw_dataset
 from dicom_helpers import write_dicom_series
 
 SHAPE = (5, 12, 16)  # z, y, x
@@ -124,9 +123,8 @@ def test_a_grey_level_outside_the_organ_ranges_and_a_missing_slice_are_refused(t
     grey[0, 1] = 90
     Image.fromarray(grey).save(png)
     result = run(['nnunet-ext', 'convert', 'chaos', src, '--modality', 'T2SPIR', '--id', '724'], env, check=False)
-    assert result.returncode == 2 and re.search(r'chaos_t2spir_03: ground truth .*IMG-0002-00002\.png has grey values '
-                                                r'\[90\] outside', result.stderr), result.stderr
+    assert_refused(result, r'chaos_t2spir_03: ground truth .*IMG-0002-00002\.png has grey values \[90\] outside',
+                   env['nnUNet_raw'])
     os.remove(png)
     result = run(['nnunet-ext', 'convert', 'chaos', src, '--modality', 'T2SPIR', '--id', '724'], env, check=False)
-    assert result.returncode == 2 and 'chaos_t2spir_03: 4 ground-truth PNGs for 5 DICOM slices' in result.stderr
-    assert os.listdir(env['nnUNet_raw']) == []
+    assert_refused(result, 'chaos_t2spir_03: 4 ground-truth PNGs for 5 DICOM slices', env['nnUNet_raw'])

@@ -22,7 +22,6 @@ slice's rows/columns.
 from __future__ import annotations
 
 import os
-import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +31,7 @@ from nnunet_ext.conversion.dicom import read_series, series_files
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.conversion.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.readers import label_counts, read_picture
 from nnunet_ext.errors import UserInputError
 
 MODALITIES = ('CT', 'T1DUAL', 'T2SPIR')
@@ -83,15 +83,6 @@ def pair_ground_truth(case: str, pngs: Sequence[str], dicom_sets: Sequence[Seque
     return dict(zip(sorted(primary), sorted(pngs)))
 
 
-def _read_png(case: str, path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert('L'))
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserInputError(f"{case}: cannot read {path}: {e}") from None
-
-
 def convert_case(case: str, modality: str, folder: str, image_outs: Sequence[str], label_out: Optional[str],
                  merge_kidneys: bool) -> Tuple[Tuple[float, ...], Dict[int, int]]:
     """One patient and modality (runs in a worker). Returns (spacing, label voxel counts)."""
@@ -113,14 +104,13 @@ def convert_case(case: str, modality: str, folder: str, image_outs: Sequence[str
         shape = sitk.GetArrayViewFromImage(images[0]).shape
         label = np.zeros(shape, np.uint8)
         for k, dicom_file in enumerate(file_sets[0]):  # position order
-            grey = _read_png(case, pairs[dicom_file])
+            grey = np.asarray(read_picture(case, pairs[dicom_file]).convert('L'))
             if grey.shape != shape[1:]:
                 raise UserInputError(f"{case}: {pairs[dicom_file]} is {grey.shape} (rows, columns), the DICOM slice "
                                      f"{os.path.basename(dicom_file)} is {shape[1:]}")
             label[k] = grey_to_label(case, pairs[dicom_file], grey, modality, merge_kidneys)
         sitk.WriteImage(label_image(label, images[0]), label_out, useCompression=True)
-        values, n = np.unique(label, return_counts=True)
-        counts = dict(zip(values.tolist(), n.tolist()))
+        counts = label_counts(label)
     return tuple(images[0].GetSpacing()), counts
 
 

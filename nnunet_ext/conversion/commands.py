@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -155,7 +154,9 @@ def add_convert_parsers(sub) -> None:
 
 
 def _dataset_intensity(dataset_id: int) -> CTIntensity:
-    matches = glob.glob(os.path.join(_raw_root(), f'Dataset{dataset_id:03d}_*', 'dataset.json'))
+    from nnunet_ext.conversion.raw_dataset import existing_datasets
+    matches = [os.path.join(d, 'dataset.json') for d in existing_datasets(_raw_root(), dataset_id)
+               if os.path.isfile(os.path.join(d, 'dataset.json'))]
     if len(matches) != 1:
         raise UserInputError(f"-d {dataset_id}: expected one nnUNet_raw/Dataset{dataset_id:03d}_*/dataset.json, "
                              f"found {len(matches)}")

@@ -33,6 +33,7 @@ import numpy as np
 
 from nnunet_ext.conversion.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.readers import add_unique, label_counts, read_picture
 from nnunet_ext.errors import UserInputError
 
 IMAGE_ENDINGS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.gif', '.bmp')
@@ -98,9 +99,7 @@ def _index(folder: str, suffix: str, what: str) -> Dict[str, str]:
             if not stem.endswith(suffix):
                 continue
             stem = stem[:-len(suffix)]
-        if stem in found:
-            raise UserInputError(f"duplicate {what} for case {stem!r}: {found[stem]} and {os.path.join(folder, name)}")
-        found[stem] = os.path.join(folder, name)
+        add_unique(found, stem, os.path.join(folder, name), f'{what} for case {stem!r}')
     return found
 
 
@@ -122,21 +121,11 @@ def _read_test_stems(path: str) -> List[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _open(case: str, path: str):
-    from PIL import Image, UnidentifiedImageError
-    try:
-        image = Image.open(path)
-        image.load()
-        return image
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserInputError(f"{case}: cannot read {path}: {e}") from None
-
-
 def convert_case(case: str, image_path: str, mask_path: str, image_out: str, label_out: str, grey: bool,
                  rule: MaskRule, resize: Optional[Tuple[int, int]]) -> Tuple[int, Dict[int, int]]:
     """Converts one image/mask pair (runs in a worker). Returns (channels, label voxel counts)."""
     from PIL import Image
-    image, mask = _open(case, image_path), _open(case, mask_path)
+    image, mask = read_picture(case, image_path), read_picture(case, mask_path)
     if image.size != mask.size:
         raise UserInputError(f"{case}: image {image.size[::-1]} and mask {mask.size[::-1]} (rows, columns) differ "
                              f"in size ({image_path}, {mask_path})")
@@ -154,8 +143,7 @@ def convert_case(case: str, image_path: str, mask_path: str, image_out: str, lab
         label = np.asarray(Image.fromarray(label).resize((cols, rows), Image.NEAREST))
     image.save(image_out)
     Image.fromarray(label).save(label_out)
-    values, counts = np.unique(label, return_counts=True)
-    return (1 if grey else 3), dict(zip(values.tolist(), counts.tolist()))
+    return (1 if grey else 3), label_counts(label)
 
 
 def convert_folder2d(input_folder: str, raw_root: str, dataset_id: int, name: str, layout: Layout,
@@ -182,14 +170,15 @@ def convert_folder2d(input_folder: str, raw_root: str, dataset_id: int, name: st
         raise UserInputError(f"--resize needs two positive sizes (rows, columns), got {list(resize)}")
     summary = ConversionSummary()
     with RawDatasetWriter(raw_root, dataset_id, name, overwrite, file_ending='.png') as writer:
-        jobs = []
+        jobs, splits = [], []
         for stem in sorted(images):
             case, split = _case_id(stem), ('Ts' if stem in test else 'Tr')
             writer.claim_case(case, images[stem])
             jobs.append((case, images[stem], masks[stem], writer.image_path(case, split=split),
                          writer.label_path(case, split=split), grey, rule, tuple(resize) if resize else None))
-        for job, (_, counts) in zip(jobs, run_cases(convert_case, jobs, num_processes, 'images')):
-            summary.add('Ts' if '/imagesTs/' in job[3].replace(os.sep, '/') else 'Tr', (1.0, 1.0), counts)
+            splits.append(split)
+        for split, (_, counts) in zip(splits, run_cases(convert_case, jobs, num_processes, 'images')):
+            summary.add(split, (1.0, 1.0), counts)
         channels = {0: 'grey'} if grey else {0: 'R', 1: 'G', 2: 'B'}
         writer.finish(channels, rule.labels, description=f'2D collection converted by nnunet-ext from {input_folder}')
     return writer.target, summary, rule.labels

@@ -27,6 +27,7 @@ from nnunet_ext.conversion.dicom import read_series, unzipped
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.conversion.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.readers import add_unique, label_counts
 from nnunet_ext.errors import UserInputError
 
 DEFAULT_STRUCTURES = (('liver', 1), ('livertumor*', 2))
@@ -62,10 +63,7 @@ def find_patients(input_folder: str) -> Dict[int, str]:
             match = _PATIENT.match(name)
             if match:
                 number = int(match.group(1))
-                if number in found:
-                    raise UserInputError(f"duplicate 3D-IRCADb patient {number}: {found[number]} and "
-                                         f"{os.path.join(folder, name)}")
-                found[number] = os.path.join(folder, name)
+                add_unique(found, number, os.path.join(folder, name), f'3D-IRCADb patient {number}')
     if not found:
         raise UserInputError(f"no 3D-IRCADb patient folder (3Dircadb1.N) below {input_folder}")
     return found
@@ -91,8 +89,7 @@ def convert_case(case: str, folder: str, image_out: str, label_out: str, structu
                 used.append(name)
         sitk.WriteImage(label_image(label, image), label_out, useCompression=True)
         sitk.WriteImage(intensity.apply_to_image(image), image_out, useCompression=True)
-    values, counts = np.unique(label, return_counts=True)
-    return tuple(image.GetSpacing()), dict(zip(values.tolist(), counts.tolist())), used
+    return tuple(image.GetSpacing()), label_counts(label), used
 
 
 def convert_ircadb(input_folder: str, raw_root: str, dataset_id: int, name: str = 'IRCADb',

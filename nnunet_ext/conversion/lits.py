@@ -24,6 +24,7 @@ from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.conversion.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_image
 from nnunet_ext.errors import UserInputError
 
 LABELS = {'background': 0, 'liver': 1, 'tumor': 2}
@@ -45,40 +46,26 @@ def find_lits_files(input_folder: str) -> Dict[str, Dict[int, str]]:
             for kind, pattern in _PATTERNS.items():
                 match = pattern.match(name)
                 if match:
-                    number, path = int(match.group(1)), os.path.join(folder, name)
-                    if number in found[kind]:
-                        raise UserInputError(f"duplicate LiTS {kind} {number}: {found[kind][number]} and {path}")
-                    found[kind][number] = path
+                    number = int(match.group(1))
+                    add_unique(found[kind], number, os.path.join(folder, name), f'LiTS {kind} {number}')
     return found
-
-
-def _read(case: str, path: str) -> sitk.Image:
-    try:
-        return sitk.ReadImage(path)
-    except RuntimeError as e:
-        raise UserInputError(f"{case}: cannot read {path}: {str(e).strip().splitlines()[-1]}") from None
 
 
 def convert_case(case: str, image_path: str, label_path: Optional[str], image_out: str, label_out: Optional[str],
                  intensity: CTIntensity, allowed_labels: Tuple[int, ...]) -> Tuple[Tuple[float, ...], Dict[int, int]]:
     """Converts one case (runs in a worker). Returns (spacing, label voxel counts)."""
-    image = _read(case, image_path)
+    image = read_image(case, image_path)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise UserInputError(f"{case}: expected a 3D single-channel CT volume, got {image.GetDimension()}D with "
                              f"{image.GetNumberOfComponentsPerPixel()} components ({image_path})")
     counts: Dict[int, int] = {}
     if label_path is not None:
-        label = _read(case, label_path)
+        label = read_image(case, label_path)
         check_same_grid(case, image, label)
         values = sitk.GetArrayViewFromImage(label)
         if not np.all(np.equal(np.mod(values, 1), 0)):
             raise UserInputError(f"{case}: segmentation has non-integer values ({label_path})")
-        unique, n = np.unique(values.astype(np.int64), return_counts=True)
-        unexpected = sorted(set(unique.tolist()) - set(allowed_labels))
-        if unexpected:
-            raise UserInputError(f"{case}: unexpected label values {unexpected} (allowed {list(allowed_labels)}) "
-                                 f"in {label_path}")
-        counts = dict(zip(unique.tolist(), n.tolist()))
+        counts = checked_label_counts(case, values.astype(np.int64), allowed_labels, label_path)
         sitk.WriteImage(label_image(values, image), label_out, useCompression=True)
     sitk.WriteImage(intensity.apply_to_image(image), image_out, useCompression=True)
     return tuple(image.GetSpacing()), counts

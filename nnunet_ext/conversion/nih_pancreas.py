@@ -18,7 +18,6 @@ import os
 import re
 from typing import Dict, List, Tuple
 
-import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
@@ -26,6 +25,7 @@ from nnunet_ext.conversion.dicom import read_series
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.conversion.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_image
 from nnunet_ext.errors import UserInputError
 
 LABELS = {'background': 0, 'pancreas': 1}
@@ -54,16 +54,12 @@ def find_cases(input_folder: str) -> Tuple[Dict[int, str], Dict[int, str]]:
             match = _PATIENT.match(name)
             if match:
                 number = int(match.group(1))
-                if number in patients:
-                    raise UserInputError(f"duplicate patient {number}: {patients[number]} and {os.path.join(folder, name)}")
-                patients[number] = os.path.join(folder, name)
+                add_unique(patients, number, os.path.join(folder, name), f'patient {number}')
         for name in sorted(files):
             match = _LABEL.match(name)
             if match:
                 number = int(match.group(1))
-                if number in labels:
-                    raise UserInputError(f"duplicate label {number}: {labels[number]} and {os.path.join(folder, name)}")
-                labels[number] = os.path.join(folder, name)
+                add_unique(labels, number, os.path.join(folder, name), f'label {number}')
     return patients, labels
 
 
@@ -89,19 +85,12 @@ def align_label(case: str, image: sitk.Image, label: sitk.Image) -> Tuple[sitk.I
 def convert_case(case: str, patient: str, label_path: str, image_out: str, label_out: str,
                  intensity: CTIntensity) -> Tuple[Tuple[float, ...], Dict[int, int], str]:
     image = read_series(case, _series_folder(case, patient))
-    try:
-        label = sitk.ReadImage(label_path)
-    except RuntimeError as e:
-        raise UserInputError(f"{case}: cannot read {label_path}: {str(e).strip().splitlines()[-1]}") from None
-    label, reoriented = align_label(case, image, label)
+    label, reoriented = align_label(case, image, read_image(case, label_path))
     values = sitk.GetArrayViewFromImage(label)
-    unexpected = sorted(set(np.unique(values).tolist()) - {0, 1})
-    if unexpected:
-        raise UserInputError(f"{case}: unexpected label values {unexpected} (allowed [0, 1]) in {label_path}")
+    counts = checked_label_counts(case, values, tuple(LABELS.values()), label_path)
     sitk.WriteImage(label_image(values, image), label_out, useCompression=True)
     sitk.WriteImage(intensity.apply_to_image(image), image_out, useCompression=True)
-    unique, counts = np.unique(values, return_counts=True)
-    return tuple(image.GetSpacing()), dict(zip(unique.tolist(), counts.tolist())), reoriented
+    return tuple(image.GetSpacing()), counts, reoriented
 
 
 def convert_nih_pancreas(input_folder: str, raw_root: str, dataset_id: int, name: str = 'PancreasCT',

@@ -33,6 +33,11 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f'Dataset{dataset_id:03d}_{name}'
 
 
+def existing_datasets(raw_root: str, dataset_id: int) -> List[str]:
+    """The folders ``raw_root/DatasetNNN_*`` of this id, sorted."""
+    return sorted(glob.glob(os.path.join(raw_root, f'Dataset{dataset_id:03d}_*')))
+
+
 @dataclass
 class ConversionSummary:
     """What a conversion wrote, printed at the end: cases, label voxel counts, spacings."""
@@ -82,7 +87,7 @@ class RawDatasetWriter:
         self.dataset_id = dataset_id
         self.overwrite = overwrite
         self.file_ending = file_ending
-        self.existing = sorted(glob.glob(os.path.join(self.raw_root, f'Dataset{dataset_id:03d}_*')))
+        self.existing = existing_datasets(self.raw_root, dataset_id)
         if self.existing and not overwrite:
             raise UserInputError(f"dataset id {dataset_id} is already taken in nnUNet_raw: "
                                  f"{', '.join(map(os.path.basename, self.existing))} (choose another --id or "

@@ -57,7 +57,7 @@ def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 def nearest_point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Value of the voxel containing each point (no interpolation; exact for labels): (B, C, N)."""
-    d = _check_coords(x, coords)
+    _check_coords(x, coords)
     B, C = x.shape[:2]
     spatial = x.shape[2:]
     index = torch.zeros(coords.shape[:2], dtype=torch.long, device=coords.device)
