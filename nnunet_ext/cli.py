@@ -5,6 +5,7 @@
     nnunet-ext plan ID -pl PLANNER       plan (and preprocess) with one of our planners
     nnunet-ext demo [--budget N]         phantom dataset, nnUNetTrainer vs nnUNetTrainerGODC, Dice table
     nnunet-ext evaluate PRED GT [-d ID]  Dice, IoU, precision, recall, HD95, ASD, RVD per case and class
+    nnunet-ext prune MODEL --level L -o OUT   an ANU-Net model folder pruned to level L
     nnunet-ext convert SOURCE IN --id N  a dataset (lits, ircadb, nih-pancreas, msd, chaos, folder2d) -> nnUNet_raw
     nnunet-ext preprocess-images IN OUT  the conversion-time CT window / histogram equalisation on new images
 """
@@ -81,6 +82,12 @@ def _cmd_evaluate(args) -> None:
     print(f"summary: {summary['output_file']}")
 
 
+def _cmd_prune(args) -> None:
+    from nnunet_ext.inference.prune import prune_model_folder
+    prune_model_folder(args.model_folder, args.level, args.o, args.f, args.chk)
+    print(f"pruned model: {args.o} (predict with: nnUNetv2_predict_from_modelfolder -m {args.o} -i IN -o OUT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='nnunet-ext', description=__doc__.split('\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -142,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--labels', type=int, nargs='+', default=None, help='evaluate these labels (one class each)')
     p.add_argument('--no_pbar', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser('prune', help='ANU-Net / UNet++ model folder -> model folder of one pruned level',
+                       description='Writes an nnU-Net model folder whose plans build only levels 1..LEVEL of the '
+                                   'nested U-Net and whose checkpoints hold only their weights (ANU-Net paper, '
+                                   'Section 3.5). Predict with the stock nnUNetv2_predict_from_modelfolder -m OUT '
+                                   '(or name OUT $nnUNet_results/DATASET/TRAINER__PLANSL3__CONFIG and use '
+                                   'nnUNetv2_predict -p PLANSL3). Without exporting, NNUNET_EXT_ANUNET_PRUNE_LEVEL=L '
+                                   'nnUNetv2_predict ... runs level L of the full model.')
+    p.add_argument('model_folder', metavar='MODEL_DIR', help='trained model folder (TRAINER__PLANS__CONFIG)')
+    p.add_argument('--level', type=int, required=True, help='level to keep (1..L; L = n_stages - 1 is the full model)')
+    p.add_argument('-o', required=True, metavar='OUT', help='output model folder (must not exist)')
+    p.add_argument('-f', nargs='+', default=None, metavar='FOLD', help='folds (default: every fold_* with the checkpoint)')
+    p.add_argument('-chk', default='checkpoint_final.pth', help='checkpoint file name (default: checkpoint_final.pth)')
+    p.set_defaults(func=_cmd_prune)
 
     from nnunet_ext.conversion.commands import add_convert_parsers
     add_convert_parsers(sub)

@@ -5,7 +5,8 @@ import os
 import re
 import subprocess
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Sequence
 
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts (nnUNetv2_*, nnunet-ext)
 
@@ -31,25 +32,71 @@ def run(cmd: Sequence[str], env: Dict[str, str], check: bool = True, timeout: fl
     cmd = [os.path.join(BIN, cmd[0]) if os.path.exists(os.path.join(BIN, cmd[0])) else cmd[0], *cmd[1:]]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding='utf-8', errors='replace',
                             timeout=timeout, cwd=cwd)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout (tail)\n"
-                             f"{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}")
+    if check:
+        check_success(cmd, result)
     return result
 
 
+def check_success(cmd: Sequence[str], result: subprocess.CompletedProcess) -> None:
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stdout (tail)\n"
+                             f"{result.stdout[-4000:]}\n--- stderr (tail)\n{result.stderr[-6000:]}")
+
+
+def run_parallel(commands: Sequence[Sequence[str]], env: Dict[str, str], workers: int = 2, timeout: float = 900,
+                 envs: Optional[Sequence[Dict[str, str]]] = None) -> List[subprocess.CompletedProcess]:
+    """``run`` for independent commands (different trainers, folds or output folders), ``workers`` at a
+    time: each nnU-Net command spends ~8 s importing torch and nnU-Net on one core, so two at a time
+    nearly halve a CLI test on 2 cores. ``envs`` gives each command its own environment (default:
+    ``env`` for all). Trainings of one dataset need its ``splits_final.json`` first
+    (``write_default_splits``; ``planned_phantom`` writes it). Results in the order of ``commands``; the
+    first failure raises after all have finished."""
+    envs = [env] * len(commands) if envs is None else list(envs)
+    if len(envs) != len(commands):
+        raise ValueError(f"{len(commands)} commands but {len(envs)} environments")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run, command, e, False, timeout) for command, e in zip(commands, envs)]
+        results = [f.result() for f in futures]
+    for command, result in zip(commands, results):
+        check_success(command, result)
+    return results
+
+
 def planned_phantom(env: Dict[str, str], dataset_id: int, name: str, configuration: str, shape: Sequence[int],
-                    prepare: Optional[Callable[[str], None]] = None) -> str:
+                    prepare: Optional[Callable[[str], None]] = None, planner: Optional[str] = None) -> str:
     """Writes a 5 + 2 case phantom dataset (``prepare(dataset_folder)`` may edit it), then runs the stock
-    ``nnUNetv2_plan_and_preprocess`` for one configuration. Returns the dataset's folder name."""
+    ``nnUNetv2_plan_and_preprocess`` for one configuration (or, with ``planner``, ``nnunet-ext plan -pl
+    PLANNER``, as README tells users for our planners). Returns the dataset's folder name."""
     from nnunet_ext.demo.phantom import write_phantom_dataset
     write_phantom_dataset(env['nnUNet_raw'], dataset_id, name, num_train=5, num_test=2, shape=shape,
                           seed=dataset_id, progress=False)
     dataset = f'Dataset{dataset_id:03d}_{name}'
     if prepare is not None:
         prepare(os.path.join(env['nnUNet_raw'], dataset))
-    run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '--verify_dataset_integrity', '-c', configuration,
-         '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0
+    if planner is None:
+        command = ['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id)]
+    else:
+        command = ['nnunet-ext', 'plan', str(dataset_id), '-pl', planner, '--no_pbar']
+    run([*command, '--verify_dataset_integrity', '-c', configuration, '-np', '2', '-npfp', '2'],
+        {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0
+    write_default_splits(env, dataset)
     return dataset
+
+
+def write_default_splits(env: Dict[str, str], dataset: str) -> None:
+    """Writes the ``splits_final.json`` nnU-Net's first training would write (its own seeded 5-fold split
+    of the training cases), so that trainings started in parallel (``run_parallel``) read it instead of
+    racing to create it."""
+    import json
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+    raw = os.path.join(env['nnUNet_raw'], dataset)
+    with open(os.path.join(raw, 'dataset.json'), encoding='utf-8') as f:
+        file_ending = json.load(f)['file_ending']
+    cases = sorted(get_identifiers_from_splitted_dataset_folder(os.path.join(raw, 'imagesTr'), file_ending))
+    splits = generate_crossval_split(cases, seed=12345, n_splits=5)
+    with open(os.path.join(env['nnUNet_preprocessed'], dataset, 'splits_final.json'), 'w', encoding='utf-8') as f:
+        json.dump(splits, f, indent=4)
 
 
 def verify_raw_dataset(folder: str) -> None:

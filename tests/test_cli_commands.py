@@ -17,6 +17,7 @@ EXPECTED_TRAINERS = {
     'nnUNetTrainerLFAM', 'nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAMResEnc', 'nnUNetTrainerLFAMShared',
     'nnUNetTrainerMLL', 'nnUNetTrainerMLLGODC', 'nnUNetTrainerRegionBoundary', 'nnUNetTrainerRegionPoint',
     'nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy', 'nnUNetTrainerGODCIFECurvature', 'nnUNetTrainerGODCIFEEntropy',
+    'nnUNetTrainerANUNet', 'nnUNetTrainerANUNetDiceCE', 'nnUNetTrainerANUNetGODC', 'nnUNetTrainerUNetPlusPlus',
 }
 
 

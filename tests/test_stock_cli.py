@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, planned_phantom, run, user_environment
+from cli_helpers import SHORT_TRAINING, planned_phantom, run, run_parallel, user_environment
 
 pytestmark = pytest.mark.cli
 
@@ -36,29 +36,27 @@ def pipeline(request, tmp_path_factory):
     dataset = planned_phantom(env, dataset_id, 'TinyPhantom', configuration, shape)
 
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
-    logs = {}
-    for trainer in TRAINERS + OTHER_TRAINERS:
-        logs[trainer] = run(['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer,
-                             '-device', 'cpu', '--npz'], train_env).stdout
-    # continue the GODC run for one more epoch (--c picks up checkpoint_final)
-    continued = run(['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', TRAINERS[0], '-device', 'cpu',
-                     '--npz', '--c'], {**train_env, 'nnUNet_ext_num_epochs': '2'}).stdout
-
-    run(['nnUNetv2_find_best_configuration', str(dataset_id), '-c', configuration, '-tr', *TRAINERS, '-f', '0',
-         '-np', '2'], env)
-
+    trainers = TRAINERS + OTHER_TRAINERS
+    results = run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer, '-device', 'cpu',
+                             '--npz'] for trainer in trainers], train_env)
+    logs = {trainer: result.stdout for trainer, result in zip(trainers, results)}
     images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
-    predictions = {}
-    for trainer in TRAINERS:
-        out = os.path.join(root, f'pred_{trainer}')
-        run(['nnUNetv2_predict', '-i', images, '-o', out, '-d', str(dataset_id), '-c', configuration, '-tr', trainer,
-             '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities'], env)
-        predictions[trainer] = out
-    for trainer in OTHER_TRAINERS:
-        out = os.path.join(root, f'pred_{trainer}')
-        run(['nnUNetv2_predict', '-i', images, '-o', out, '-d', str(dataset_id), '-c', configuration, '-tr', trainer,
-             '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'], env)
-        predictions[trainer] = out
+    predictions = {trainer: os.path.join(root, f'pred_{trainer}') for trainer in TRAINERS + OTHER_TRAINERS}
+
+    def predict(trainer):
+        probabilities = ['--save_probabilities'] if trainer in TRAINERS else []  # the ensemble needs them
+        return ['nnUNetv2_predict', '-i', images, '-o', predictions[trainer], '-d', str(dataset_id), '-c',
+                configuration, '-tr', trainer, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', *probabilities]
+
+    # continue the GODC run for one more epoch (--c picks up checkpoint_final) while the trainers whose
+    # results it does not touch predict (the training-length variables mean nothing to the predictor)
+    continue_godc = ['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', TRAINERS[0], '-device', 'cpu',
+                     '--npz', '--c']
+    continued = run_parallel([continue_godc, *map(predict, OTHER_TRAINERS)],
+                             {**train_env, 'nnUNet_ext_num_epochs': '2'})[0].stdout
+    find_best = ['nnUNetv2_find_best_configuration', str(dataset_id), '-c', configuration, '-tr', *TRAINERS, '-f', '0',
+                 '-np', '2']
+    run_parallel([find_best, *map(predict, TRAINERS)], env)
     ensemble = os.path.join(root, 'ensemble')
     run(['nnUNetv2_ensemble', '-i', *(predictions[t] for t in TRAINERS), '-o', ensemble, '-np', '1'], env)
     return dict(configuration=configuration, env=env, root=root, dataset=dataset, dataset_id=dataset_id,

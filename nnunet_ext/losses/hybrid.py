@@ -178,3 +178,25 @@ class HybridLoss(nn.Module):
         onehot = torch.zeros(x.shape, device=x.device, dtype=dtype)
         onehot.scatter_(1, labels, 1)
         return onehot
+
+
+class NNUNetTargetHybridLoss(nn.Module):
+    """:class:`HybridLoss` on targets as nnU-Net's data pipeline delivers them: a label map whose
+    ``ignore_label`` voxels count in neither term, or (region training) region channels followed by
+    nnU-Net's ignore channel when ``has_ignore_channel`` (the same conventions as nnU-Net's
+    ``DC_and_CE_loss`` / ``DC_and_BCE_loss``)."""
+
+    def __init__(self, hybrid: HybridLoss, ignore_label: Optional[int] = None, has_ignore_channel: bool = False):
+        super().__init__()
+        if ignore_label is not None and has_ignore_channel:
+            raise ValueError("ignore_label is for label maps, has_ignore_channel for region targets: not both")
+        self.hybrid = hybrid
+        self.ignore_label = ignore_label
+        self.has_ignore_channel = has_ignore_channel
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.has_ignore_channel:
+            return self.hybrid(x, y[:, :-1], (1 - y[:, -1:]).to(x.dtype))
+        if self.ignore_label is not None:
+            return self.hybrid(x, y, (y != self.ignore_label).to(x.dtype))
+        return self.hybrid(x, y)

@@ -1,0 +1,161 @@
+"""The ANU-Net / UNet++ trainers built by hand on a planned phantom (no training): the network they
+build, the deep-supervision mapping (full-resolution heads, equal weights), the loss against a direct
+computation per head, the pruning variable refused while training, and ANUNetPlanner's plans."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_ext.architectures.anunet import PRUNE_LEVEL_ENV, ANUNet, UNetPlusPlus
+from nnunet_ext.losses import GODCLoss
+from nnunet_ext.losses.hybrid import HybridLoss
+from nnunet_ext.plans.anunet_planners import ANUNetPlanner
+from nnunet_ext.trainers.anunet_trainers import (nnUNetTrainerANUNet, nnUNetTrainerANUNetDiceCE,
+                                                 nnUNetTrainerANUNetGODC, nnUNetTrainerUNetPlusPlus)
+from nnunet_ext.trainers.godc_trainers import nnUNetTrainerGODC
+from trainer_helpers import DATASET_JSON_VARIANTS, DATASET_ID, batch, make_trainer
+
+
+def _network(trainer, deep_supervision=True):
+    lm = trainer.label_manager
+    return type(trainer).build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
+                                                    1, lm.num_segmentation_heads, deep_supervision)
+
+
+@pytest.mark.parametrize('cls, network', [(nnUNetTrainerANUNet, ANUNet), (nnUNetTrainerUNetPlusPlus, UNetPlusPlus)])
+def test_builds_the_nested_network_with_one_full_resolution_head_per_scale(planned, cls, network):
+    trainer = make_trainer(cls, planned, 'labels')
+    net = _network(trainer)
+    assert type(net) is network
+    n_stages = len(trainer.configuration_manager.pool_op_kernel_sizes)
+    scales = trainer._get_deep_supervision_scales()
+    assert scales == [[1.0, 1.0]] * (n_stages - 1)
+    patch = trainer.configuration_manager.patch_size
+    outputs = net(torch.randn(2, 1, *patch))
+    assert len(outputs) == len(scales)
+    assert all(o.shape == (2, 3, *patch) for o in outputs)
+    single = _network(trainer, deep_supervision=False)
+    assert set(single.state_dict()) == set(net.state_dict())  # nnU-Net's predictor reloads strictly
+    single.load_state_dict(net.state_dict())
+    single.eval(), net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(single(torch.ones(1, 1, *patch)), net(torch.ones(1, 1, *patch))[0])
+
+
+def _masked(targets, lm):
+    """(target, loss mask) per head, from nnU-Net's targets, written out for the oracle."""
+    pairs = []
+    for t in targets:
+        if lm.has_regions and lm.ignore_label is not None:
+            pairs.append((t[:, :-1], 1 - t[:, -1:]))
+        elif lm.ignore_label is not None:
+            mask = (t != lm.ignore_label).double()
+            pairs.append((t * mask, mask))
+        else:
+            pairs.append((t, None))
+    return pairs
+
+
+@pytest.mark.parametrize('variant', sorted(DATASET_JSON_VARIANTS))
+def test_hybrid_loss_is_the_mean_of_eq_8_over_the_heads(planned, variant):
+    trainer = make_trainer(nnUNetTrainerANUNet, planned, variant)
+    lm = trainer.label_manager
+    outputs, targets = batch(trainer, batch_size=2)
+    value = trainer._build_loss()(outputs, targets)
+    hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=0.25, gamma=2, margin=0.05, smooth=1,
+                        batch_dice=trainer.configuration_manager.batch_dice)
+    per_head = [hybrid(o, t, m) for o, (t, m) in zip(outputs, _masked(targets, lm))]
+    assert len(per_head) == len(trainer._get_deep_supervision_scales()) > 1
+    expected = sum(per_head) / len(per_head)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-10)
+    grads = torch.autograd.grad(value, outputs)
+    for k, (g, head) in enumerate(zip(grads, per_head)):  # each head's own term, divided by the head count
+        reference, = torch.autograd.grad(head / len(per_head), outputs[k])
+        torch.testing.assert_close(g, reference)
+
+
+def test_godc_and_dice_ce_variants_weight_nnunets_per_output_losses_equally(planned):
+    trainer = make_trainer(nnUNetTrainerANUNetGODC, planned, 'ignore_label')
+    godc = make_trainer(nnUNetTrainerGODC, planned, 'ignore_label')
+    outputs, targets = batch(trainer, batch_size=2)
+    per_output = godc._build_output_loss()
+    assert isinstance(per_output.dc, GODCLoss)
+    expected = np.mean([per_output(o, t).item() for o, t in zip(outputs, targets)])
+    assert trainer._build_loss()(outputs, targets).item() == pytest.approx(expected, rel=1e-10)
+    dice_ce = make_trainer(nnUNetTrainerANUNetDiceCE, planned, 'labels')
+    outputs, targets = batch(dice_ce, batch_size=2)
+    per_output = dice_ce._build_output_loss()
+    expected = np.mean([per_output(o, t).item() for o, t in zip(outputs, targets)])
+    assert dice_ce._build_loss()(outputs, targets).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_head_weights_can_be_set_and_are_checked(planned):
+    n = len(make_trainer(nnUNetTrainerANUNet, planned, 'labels')._get_deep_supervision_scales())
+
+    class Weighted(nnUNetTrainerANUNet):
+        anunet_head_weights = [2.0] + [1.0] * (n - 1)
+
+    np.testing.assert_allclose(make_trainer(Weighted, planned, 'labels')._deep_supervision_weights(),
+                               np.array([2.0] + [1.0] * (n - 1)) / (n + 1))
+    Weighted.anunet_head_weights = [1.0]
+    with pytest.raises(ValueError, match=f'need {n} non-negative weights'):
+        make_trainer(Weighted, planned, 'labels')._build_loss()
+
+
+def test_training_refuses_the_prediction_time_pruning_variable(planned, monkeypatch):
+    trainer = make_trainer(nnUNetTrainerANUNet, planned, 'labels')
+    monkeypatch.setenv(PRUNE_LEVEL_ENV, '2')
+    with pytest.raises(RuntimeError, match='training must run the full network'):
+        trainer.on_train_start()
+
+
+def test_other_architectures_in_the_plans_are_refused(planned):
+    plans, dataset_json = planned
+    plans = {**plans, 'configurations': {
+        '2d': {**plans['configurations']['2d'], 'architecture': {
+            **plans['configurations']['2d']['architecture'],
+            'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'}}}}
+    trainer = make_trainer(nnUNetTrainerANUNet, (plans, dataset_json), 'labels')
+    with pytest.raises(ValueError, match='nnunet-ext plan ID -pl ANUNetPlanner'):
+        _network(trainer)
+
+
+@pytest.mark.parametrize('spacing, median_shape', [((1.0, 1.0), (512, 512)), ((1.0, 1.0, 1.0), (160, 192, 192))])
+def test_planner_counts_the_nested_decoder(planned, spacing, median_shape):
+    """On a large (fictitious) image the nested network gets a smaller patch x batch than nnU-Net's U-Net
+    for the same memory target, and its own estimate for what it got fits that target."""
+    ours, theirs = ANUNetPlanner(DATASET_ID), ExperimentPlanner(DATASET_ID)
+    n_voxels = float(np.prod(median_shape)) * 1000
+    plan = ours.get_plans_for_configuration(spacing, median_shape, 'x', n_voxels, {})
+    reference_plan = theirs.get_plans_for_configuration(spacing, median_shape, 'x', n_voxels, {})
+    assert plan['architecture']['network_class_name'] == 'nnunet_ext.architectures.anunet.ANUNet'
+    assert ours.plans_identifier == 'nnUNetPlansANUNet'
+    voxels = np.prod(plan['patch_size']) * plan['batch_size']
+    assert voxels < np.prod(reference_plan['patch_size']) * reference_plan['batch_size']
+    arch = plan['architecture']
+    estimate = ours.static_estimate_VRAM_usage(plan['patch_size'], 1, 3, arch['network_class_name'],
+                                               arch['arch_kwargs'], arch['_kw_requires_import'])
+    ndim = len(spacing)
+    reference = ours.UNet_reference_val_2d if ndim == 2 else ours.UNet_reference_val_3d
+    ref_bs = ours.UNet_reference_val_corresp_bs_2d if ndim == 2 else ours.UNet_reference_val_corresp_bs_3d
+    assert estimate / ref_bs * 2 <= reference  # nnU-Net's own criterion (8 GB target)
+    plain = ExperimentPlanner.static_estimate_VRAM_usage(
+        plan['patch_size'], 1, 3, 'dynamic_network_architectures.architectures.unet.PlainConvUNet',
+        arch['arch_kwargs'], arch['_kw_requires_import'])
+    assert estimate > plain
+
+
+def test_trainer_builds_from_the_planners_plans(planned):
+    plans, dataset_json = planned
+    planner = ANUNetPlanner(DATASET_ID)
+    configuration = plans['configurations']['2d']
+    arch = {**configuration['architecture'], 'network_class_name': 'nnunet_ext.architectures.anunet.ANUNet'}
+    plans = {**plans, 'configurations': {'2d': {**configuration, 'architecture': arch}}}
+    for cls, network in ((nnUNetTrainerANUNet, ANUNet), (nnUNetTrainerUNetPlusPlus, UNetPlusPlus)):
+        trainer = make_trainer(cls, (plans, dataset_json), 'labels')
+        assert type(_network(trainer)) is network
+    assert PlansManager(plans).get_configuration('2d').network_arch_class_name.endswith('ANUNet')
+    assert planner.UNet_class is ANUNet

@@ -1,0 +1,28 @@
+"""ANU-Net and UNet++ trainers (attention nested U-Net paper, Section 3): nested decoders on the plans'
+topology, full-resolution deep-supervision heads with equal weights, pruned prediction
+(``NNUNET_EXT_ANUNET_PRUNE_LEVEL`` or ``nnunet-ext prune``)."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.training.anunet_mixins import UNET_PLUS_PLUS, HybridLossMixin, NestedUNetArchitectureMixin
+from nnunet_ext.training.loss_mixins import DiceCELossMixin, GODCLossMixin
+from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
+
+
+class nnUNetTrainerANUNet(TrainingLengthFromEnvMixin, NestedUNetArchitectureMixin, HybridLossMixin, nnUNetTrainer):
+    """ANU-Net (nested decoder + attention gates, heads on X_0,1..X_0,L) with the hybrid loss of Eq. 8."""
+
+
+class nnUNetTrainerANUNetDiceCE(TrainingLengthFromEnvMixin, NestedUNetArchitectureMixin, DiceCELossMixin,
+                                nnUNetTrainer):
+    """ANU-Net with nnU-Net's Dice+CE on every head instead of the hybrid loss."""
+
+
+class nnUNetTrainerANUNetGODC(TrainingLengthFromEnvMixin, NestedUNetArchitectureMixin, GODCLossMixin, nnUNetTrainer):
+    """ANU-Net with GODC + CE on every head."""
+
+
+class nnUNetTrainerUNetPlusPlus(TrainingLengthFromEnvMixin, NestedUNetArchitectureMixin, HybridLossMixin,
+                                nnUNetTrainer):
+    """UNet++ (ANU-Net without attention gates, the paper's ablation) with the hybrid loss of Eq. 8."""
+
+    nested_network = UNET_PLUS_PLUS
