@@ -5,7 +5,7 @@ Two networks per dimension, both measured level by level in the same process, le
 round by round (order alternating) so machine drift hits all alike:
 
 * the paper's preset (``ANUNet.paper_preset``: 1 channel, 32..512 features, 4 poolings; 2D on a
-  512 x 512 slice as LiTS, 3D on a 64 x 128 x 128 patch);
+  512 x 512 slice as LiTS, 3D on a 32 x 128 x 128 patch);
 * the network nnU-Net's planning gives (``nnunet-ext plan -pl ANUNetPlanner`` on a phantom dataset;
   its planned patch size).
 
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-PAPER_SHAPES = {'2d': (512, 512), '3d_fullres': (64, 128, 128)}
+PAPER_SHAPES = {'2d': (512, 512), '3d_fullres': (32, 128, 128)}
 PHANTOM_SHAPES = {'2d': (256, 256), '3d_fullres': (48, 160, 160)}
 
 

@@ -5,6 +5,9 @@
     nnunet-ext plan ID -pl PLANNER       plan (and preprocess) with one of our planners
     nnunet-ext demo [--budget N]         phantom dataset, nnUNetTrainer vs nnUNetTrainerGODC, Dice table
     nnunet-ext evaluate PRED GT [-d ID]  Dice, IoU, precision, recall, HD95, ASD, RVD per case and class
+    nnunet-ext cascade-predict -i IN -o OUT --liver D C TR --tumour D C TR   liver model -> liver crops -> tumour model
+    nnunet-ext compare ID -c CONFIG      trainers over their cross-validation folds: tables, Wilcoxon tests, plots
+    nnunet-ext fuse-views -i A C S -o OUT   predictions of 2D models of different views -> majority vote (or mean)
     nnunet-ext prune MODEL --level L -o OUT   an ANU-Net model folder pruned to level L
     nnunet-ext convert SOURCE IN --id N  a dataset (lits, ircadb, nih-pancreas, msd, chaos, folder2d) -> nnUNet_raw
     nnunet-ext preprocess-images IN OUT  the conversion-time CT window / histogram equalisation on new images
@@ -43,7 +46,7 @@ def _cmd_planners(args) -> None:
 
 def _cmd_plan(args) -> None:
     from nnunet_ext.nnunet_glue import dataset_name
-    from nnunet_ext.planning import plan_and_preprocess
+    from nnunet_ext.planning import plan_and_preprocess_all
     from nnunet_ext.registry import find_planner
 
     dataset_name(args.dataset_id)
@@ -54,10 +57,12 @@ def _cmd_plan(args) -> None:
     if args.np is not None and len(args.np) not in (1, len(args.c)):
         raise UserInputError(f"-np takes one number or one per configuration ({len(args.c)}), got {args.np}")
     num_processes = None if args.np is None else (args.np * len(args.c) if len(args.np) == 1 else args.np)
-    plans = plan_and_preprocess(args.dataset_id, args.pl, args.c, num_processes, args.npfp,
-                                args.verify_dataset_integrity, args.clean, not args.no_pp, args.gpu_memory_target,
-                                args.overwrite_plans_name, progress=not args.no_pbar)
-    print(f'plans written: {plans} (train with: nnUNetv2_train {args.dataset_id} CONFIG FOLD -p {plans} -tr TRAINER)')
+    written = plan_and_preprocess_all(args.dataset_id, args.pl, args.c, num_processes, args.npfp,
+                                      args.verify_dataset_integrity, args.clean, not args.no_pp, args.gpu_memory_target,
+                                      args.overwrite_plans_name, progress=not args.no_pbar)
+    for plans in written:
+        print(f'plans written: {plans} (train with: nnUNetv2_train {args.dataset_id} CONFIG FOLD -p {plans} '
+              f'-tr TRAINER)')
 
 
 def _cmd_demo(args) -> None:
@@ -80,6 +85,25 @@ def _cmd_evaluate(args) -> None:
                                progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr))
     print(format_table(summary['per_class']))
     print(f"summary: {summary['output_file']}")
+
+
+def _cmd_compare(args) -> None:
+    from nnunet_ext.evaluation.compare import run_compare
+    from nnunet_ext.evaluation.report import markdown_table, pooled_table
+    arguments = {k: v for k, v in vars(args).items() if k != 'func'}
+    result, files = run_compare(args.dataset, args.c, args.tr, args.p, args.f, args.o, args.np, arguments,
+                                progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr))
+    print(markdown_table(pooled_table(result.content)))
+    print(f"report: {files['markdown']} (and {files['html']}; per-case numbers: {files['json']})")
+
+
+def _cmd_fuse_views(args) -> None:
+    from nnunet_ext.inference.fuse_views import SUMMARY_NAME, fuse_view_folders
+    summary = fuse_view_folders(args.i, args.o, args.method, args.tie_break, args.np, progress=not args.no_pbar)
+    rule = 'mean probability' if args.method == 'mean' else f'majority vote, ties by {args.tie_break}'
+    print(f"{len(summary['cases'])} cases fused ({rule}) from "
+          f"{', '.join(v['view'] for v in summary['inputs'])}: {summary['output_folder']} "
+          f"(details in {SUMMARY_NAME})")
 
 
 def _cmd_prune(args) -> None:
@@ -149,6 +173,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--labels', type=int, nargs='+', default=None, help='evaluate these labels (one class each)')
     p.add_argument('--no_pbar', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
+
+    from nnunet_ext.inference.cascade_command import add_cascade_parser
+    add_cascade_parser(sub)
+
+    p = sub.add_parser('compare', help='trainers over their cross-validation folds: tables, Wilcoxon tests, plots',
+                       description='Evaluates the validation predictions of every fold of each trainer (nnU-Net\'s '
+                                   'results folders) against $nnUNet_preprocessed/DATASET/gt_segmentations with the '
+                                   'metrics of "evaluate", and writes report.md, report.html, compare.json and PNG '
+                                   'plots: mean ± std per trainer and class over all cases of its folds, Dice per '
+                                   'fold, a paired Wilcoxon signed-rank test of per-case Dice against nnUNetTrainer '
+                                   'per class, a box plot of per-case Dice and the training curves of every fold. '
+                                   'Missing folds, predictions and checkpoints are listed in the report and on '
+                                   'stderr.')
+    p.add_argument('dataset', metavar='DATASET', help='dataset id or name')
+    p.add_argument('-c', required=True, metavar='CONFIG', help='configuration (2d, 3d_fullres, ...)')
+    p.add_argument('-tr', nargs='+', default=None, metavar='TRAINER',
+                   help='trainers (default: every TRAINER__PLANS__CONFIG folder of the dataset)')
+    p.add_argument('-p', default='nnUNetPlans', metavar='PLANS', help='plans identifier (default: nnUNetPlans)')
+    p.add_argument('-f', type=int, nargs='+', default=[0, 1, 2, 3, 4], metavar='FOLD',
+                   help='folds (default: 0 1 2 3 4)')
+    p.add_argument('-o', default=None, metavar='OUT',
+                   help='output folder (default: $nnUNet_results/DATASET/compare_CONFIG; a previous report there '
+                        'is replaced)')
+    p.add_argument('-np', type=int, default=2, help='processes for the evaluation (default: 2)')
+    p.add_argument('--no_pbar', action='store_true')
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser('fuse-views', help='fuse predictions of 2D models of different views (majority vote or mean)',
+                       description='Fuses, case by case, the nnUNetv2_predict output folders of 2D models trained '
+                                   'along different axes (plans of: nnunet-ext plan ID -pl MultiView2DPlanner; any '
+                                   'trainer), as the multi-level structural loss paper fuses its axial, coronal and '
+                                   'sagittal models. vote: per voxel the label most views predicted, over their '
+                                   'segmentation files; mean: average of their probabilities (.npz), as '
+                                   'nnUNetv2_ensemble. Output in the original image geometry, with dataset.json, '
+                                   'plans.json and fuse_views.json; nothing is written if a check fails.')
+    p.add_argument('-i', nargs='+', required=True, metavar='DIR',
+                   help='prediction folders, one per view (e.g. axial coronal sagittal; any order)')
+    p.add_argument('-o', required=True, metavar='OUT', help='output folder (must not exist, or be empty)')
+    p.add_argument('--method', choices=['vote', 'mean'], default='vote',
+                   help='vote: majority vote over the views\' label maps (the paper; default); mean: average '
+                        'probabilities (needs --save_probabilities)')
+    p.add_argument('--tie_break', choices=['probability', 'lowest'], default='probability',
+                   help='vote ties (no label with a strict plurality): probability: the tied label with the highest '
+                        'mean probability over the views (needs --save_probabilities; default); lowest: the lowest '
+                        'tied label (reads the segmentations only)')
+    p.add_argument('-np', type=int, default=2, help='processes (default: 2)')
+    p.add_argument('--no_pbar', action='store_true')
+    p.set_defaults(func=_cmd_fuse_views)
 
     p = sub.add_parser('prune', help='ANU-Net / UNet++ model folder -> model folder of one pruned level',
                        description='Writes an nnU-Net model folder whose plans build only levels 1..LEVEL of the '

@@ -1,6 +1,5 @@
 """Worker for test_godc_ddp.py: one rank of a 2-process gloo group computing GODC on its share of
 the batch (imported by the spawned processes, hence a module of its own)."""
-import torch
 import torch.distributed as dist
 
 from nnunet_ext.losses import GODCLoss

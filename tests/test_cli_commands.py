@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 
 import pytest
 
@@ -18,6 +17,7 @@ EXPECTED_TRAINERS = {
     'nnUNetTrainerMLL', 'nnUNetTrainerMLLGODC', 'nnUNetTrainerRegionBoundary', 'nnUNetTrainerRegionPoint',
     'nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy', 'nnUNetTrainerGODCIFECurvature', 'nnUNetTrainerGODCIFEEntropy',
     'nnUNetTrainerANUNet', 'nnUNetTrainerANUNetDiceCE', 'nnUNetTrainerANUNetGODC', 'nnUNetTrainerUNetPlusPlus',
+    'nnUNetTrainerResUNet', 'nnUNetTrainerResUNetGODC', 'nnUNetTrainerResUNetGODCLFAM', 'nnUNetTrainerMLN',
 }
 
 

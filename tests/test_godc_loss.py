@@ -17,7 +17,6 @@ with 1 / size.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

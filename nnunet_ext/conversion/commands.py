@@ -25,9 +25,25 @@ def _intensity(args) -> CTIntensity:
 def _add_common(p: argparse.ArgumentParser, name_default: str) -> None:
     p.add_argument('input', help='source folder (or archive, where supported)')
     p.add_argument('--id', type=int, required=True, help='target dataset id (DatasetNNN)')
-    p.add_argument('--name', default=name_default, help=f'target dataset name (default: {name_default or "from the source"})')
+    p.add_argument('--name', default=None, help=f'target dataset name (default: {name_default or "from the source"}; '
+                                                f'with --crop-to-label L: that name + "_LCrop")')
     p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
     p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
+    p.add_argument('--crop-to-label', default=None, metavar='LABEL',
+                   help='write the tumour-stage training set of a two-stage cascade instead: each labelled case '
+                        'cropped to the bounding box of LABEL (name or number) and the labels kept inside it, '
+                        'LABEL itself becomes background, kept labels renumbered 1, 2, ...; cases without LABEL '
+                        'are skipped with a warning (see nnunet-ext cascade-predict)')
+    p.add_argument('--crop-margin', type=float, default=None, metavar='MM',
+                   help='margin around the box in millimetres, per axis ceil(MM / spacing) voxels (default: 10; '
+                        'recorded in dataset.json, cascade-predict uses the same)')
+    p.add_argument('--crop-keep', nargs='+', default=None, metavar='LABEL',
+                   help='labels the second stage learns (default: every label other than --crop-to-label)')
+    p.set_defaults(name_default=name_default)
+
+
+def _name(args) -> str:
+    return args.name if args.name is not None else args.name_default
 
 
 def _add_ct_options(p: argparse.ArgumentParser) -> None:
@@ -36,59 +52,91 @@ def _add_ct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument('--hist-eq', action='store_true', help='histogram equalisation after windowing (values in [0, 1])')
 
 
-def _report(target: str, summary, labels) -> None:
-    print(f"wrote {target}")
-    print(summary.format(labels))
+def _report(target: str, summary, labels) -> str:
+    return f"wrote {target}\n{summary.format(labels)}"
 
 
-def _cmd_lits(args) -> None:
+def _cmd_lits(args, raw_root: str) -> str:
     from nnunet_ext.conversion.lits import LABELS, convert_lits
-    target, summary = convert_lits(args.input, _raw_root(), args.id, args.name, args.overwrite, _intensity(args), args.np)
-    _report(target, summary, LABELS)
+    target, summary = convert_lits(args.input, raw_root, args.id, _name(args), args.overwrite, _intensity(args),
+                                   args.np)
+    return _report(target, summary, LABELS)
 
 
-def _cmd_msd(args) -> None:
+def _cmd_msd(args, raw_root: str) -> str:
     from nnunet_ext.conversion.msd import convert_msd
-    target, summary = convert_msd(args.input, _raw_root(), args.id, args.name, args.overwrite, args.np)
+    target, summary = convert_msd(args.input, raw_root, args.id, _name(args), args.overwrite, args.np)
     with open(os.path.join(target, 'dataset.json'), encoding='utf-8') as f:
-        _report(target, summary, json.load(f)['labels'])
+        return _report(target, summary, json.load(f)['labels'])
 
 
-def _cmd_folder2d(args) -> None:
+def _cmd_folder2d(args, raw_root: str) -> str:
     from nnunet_ext.conversion.folder2d import PRESETS, Layout, MaskRule, convert_folder2d
     base = PRESETS[args.preset] if args.preset else Layout('images', 'masks')
     layout = Layout(args.images or base.images, args.masks or base.masks,
                     base.image_suffix if args.image_suffix is None else args.image_suffix,
                     base.mask_suffix if args.mask_suffix is None else args.mask_suffix)
     rule = MaskRule(threshold=None, values=tuple(args.mask_values)) if args.mask_values else MaskRule(args.threshold)
-    target, summary, labels = convert_folder2d(args.input, _raw_root(), args.id, args.name, layout, rule, args.grey,
+    target, summary, labels = convert_folder2d(args.input, raw_root, args.id, _name(args), layout, rule, args.grey,
                                                args.resize, args.split, args.overwrite, args.np)
-    _report(target, summary, labels)
+    return _report(target, summary, labels)
 
 
-def _cmd_ircadb(args) -> None:
+def _cmd_ircadb(args, raw_root: str) -> str:
     from nnunet_ext.conversion.ircadb import DEFAULT_STRUCTURES, convert_ircadb, parse_structures
     structures = parse_structures(args.structures) if args.structures else DEFAULT_STRUCTURES
-    target, summary, labels = convert_ircadb(args.input, _raw_root(), args.id, args.name, structures,
+    target, summary, labels = convert_ircadb(args.input, raw_root, args.id, _name(args), structures,
                                              args.overwrite, _intensity(args), args.np)
-    _report(target, summary, labels)
+    return _report(target, summary, labels)
 
 
-def _cmd_nih_pancreas(args) -> None:
+def _cmd_nih_pancreas(args, raw_root: str) -> str:
     from nnunet_ext.conversion.nih_pancreas import LABELS, convert_nih_pancreas
-    target, summary, notes = convert_nih_pancreas(args.input, _raw_root(), args.id, args.name, args.overwrite,
+    target, summary, notes = convert_nih_pancreas(args.input, raw_root, args.id, _name(args), args.overwrite,
                                                   _intensity(args), args.np)
-    _report(target, summary, LABELS)
-    print(f"labels re-oriented to the CT's orientation (verified by geometry): {len(notes)} case(s)")
-    for note in notes:
-        print(f"  {note}")
+    lines = [_report(target, summary, LABELS),
+             f"labels re-oriented to the CT's orientation (verified by geometry): {len(notes)} case(s)"]
+    return "\n".join(lines + [f"  {note}" for note in notes])
 
 
-def _cmd_chaos(args) -> None:
+def _cmd_chaos(args, raw_root: str) -> str:
     from nnunet_ext.conversion.chaos import convert_chaos
-    target, summary, labels = convert_chaos(args.input, _raw_root(), args.id, args.modality, args.name,
+    target, summary, labels = convert_chaos(args.input, raw_root, args.id, args.modality, _name(args),
                                             args.merge_kidneys, args.overwrite, args.np)
-    _report(target, summary, labels)
+    return _report(target, summary, labels)
+
+
+def _run_convert(args) -> None:
+    """Runs the source's converter into nnUNet_raw; with ``--crop-to-label``, into a hidden scratch folder of
+    nnUNet_raw first, whose result is cropped into the target (crop_to_label.py) and removed."""
+    raw_root = _raw_root()
+    if args.crop_to_label is None:
+        print(args.convert(args, raw_root))
+        return
+    from nnunet_ext.conversion.crop_to_label import DEFAULT_MARGIN_MM, crop_dataset_to_label, margin_in_voxels
+    from nnunet_ext.conversion.raw_dataset import dataset_folder_name, existing_datasets
+    margin = DEFAULT_MARGIN_MM if args.crop_margin is None else args.crop_margin
+    margin_in_voxels(margin, (1.0,))  # refuse a bad margin before converting
+    if args.name is not None:
+        dataset_folder_name(args.id, args.name)
+    taken = existing_datasets(raw_root, args.id)
+    if taken and not args.overwrite:
+        raise UserInputError(f"dataset id {args.id} is already taken in nnUNet_raw: "
+                             f"{', '.join(map(os.path.basename, taken))} (choose another --id or pass --overwrite)")
+    os.makedirs(raw_root, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix='.nnunet-ext-crop-', dir=raw_root)
+    try:
+        full_report = args.convert(args, scratch)
+        (converted,) = os.listdir(scratch)
+        print("converted (full images, before cropping):\n  " + full_report.replace('\n', '\n  '))
+        target, summary, labels, skipped = crop_dataset_to_label(
+            os.path.join(scratch, converted), raw_root, args.id, args.name, args.overwrite, args.crop_to_label,
+            margin, args.crop_keep, args.np, source=f"nnunet-ext convert {args.source} {os.path.abspath(args.input)}")
+    finally:
+        shutil.rmtree(scratch)
+    print(_report(target, summary, labels))
+    print(f"cropped to the {args.crop_to_label} box + {margin:g} mm; skipped (no {args.crop_to_label}): "
+          f"{len(skipped)} case(s){': ' + ', '.join(skipped) if skipped else ''}")
 
 
 def add_convert_parsers(sub) -> None:
@@ -101,28 +149,28 @@ def add_convert_parsers(sub) -> None:
                                         'test-volume-N to imagesTs')
     _add_common(p, 'LiTS')
     _add_ct_options(p)
-    p.set_defaults(func=_cmd_lits)
+    p.set_defaults(func=_run_convert, convert=_cmd_lits)
     p = sources.add_parser('ircadb', help='3D-IRCADb-01: 3Dircadb1.N/{PATIENT_DICOM,MASKS_DICOM/<structure>} '
                                           '(folders or .zip)')
     _add_common(p, 'IRCADb')
     p.add_argument('--structures', nargs='+', default=None, metavar='PATTERN=LABEL',
                    help='mask folders (fnmatch patterns) to labels, later ones on top (default: liver=1 livertumor*=2)')
     _add_ct_options(p)
-    p.set_defaults(func=_cmd_ircadb)
+    p.set_defaults(func=_run_convert, convert=_cmd_ircadb)
     p = sources.add_parser('nih-pancreas', help='NIH Pancreas-CT: PANCREAS_NNNN/<study>/<series>/*.dcm + '
                                                 'labelNNNN.nii.gz (orientation verified by geometry)')
     _add_common(p, 'PancreasCT')
     _add_ct_options(p)
-    p.set_defaults(func=_cmd_nih_pancreas)
+    p.set_defaults(func=_run_convert, convert=_cmd_nih_pancreas)
     p = sources.add_parser('chaos', help='CHAOS CT or MR (T1DUAL in/out phase as two channels, T2SPIR) DICOM + '
                                          'PNG ground truth, one modality per dataset')
     _add_common(p, '')
     p.add_argument('--modality', required=True, choices=['CT', 'T1DUAL', 'T2SPIR'])
     p.add_argument('--merge-kidneys', action='store_true', help='one kidney label (as in the ANU-Net paper)')
-    p.set_defaults(func=_cmd_chaos)
+    p.set_defaults(func=_run_convert, convert=_cmd_chaos)
     p = sources.add_parser('msd', help="a Medical Segmentation Decathlon task folder or .tar (nnU-Net's converter)")
     _add_common(p, '')
-    p.set_defaults(func=_cmd_msd)
+    p.set_defaults(func=_run_convert, convert=_cmd_msd)
 
     p = sources.add_parser('folder2d', help='2D image/mask collections (Kvasir-SEG, ISIC, DRIVE, CVC-ClinicDB, '
                                             'images/ + masks/), PNG/JPG/TIF/GIF/BMP -> PNG')
@@ -140,7 +188,7 @@ def add_convert_parsers(sub) -> None:
     p.add_argument('--resize', type=int, nargs=2, default=None, metavar=('ROWS', 'COLUMNS'),
                    help='resize images (bilinear) and masks (nearest)')
     p.add_argument('--split', default=None, help='file listing the test case stems (lines, or JSON {"test": [...]})')
-    p.set_defaults(func=_cmd_folder2d)
+    p.set_defaults(func=_run_convert, convert=_cmd_folder2d)
 
     p = sub.add_parser('preprocess-images', help='apply the conversion-time CT options (--window/--hist-eq) to new '
                                                  'images before nnUNetv2_predict')

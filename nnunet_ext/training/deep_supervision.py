@@ -1,8 +1,6 @@
 """Deep-supervision loss wrapping as nnU-Net does it, with the length check it leaves out."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 

@@ -1,0 +1,171 @@
+"""What nnU-Net's training left in ``$nnUNet_results``: the trainer folders of a dataset, and per fold
+its validation predictions, its checkpoint and the training curves stored in that checkpoint.
+
+nnU-Net 2.8.1 writes, per trainer, plans and configuration,
+``$nnUNet_results/DatasetNNN_NAME/TRAINER__PLANS__CONFIG/fold_F/`` with
+
+* ``validation/CASE<file ending>``: the final validation predictions of the fold's validation cases
+  (``splits_final.json`` in ``$nnUNet_preprocessed/DatasetNNN_NAME``), at the original geometry;
+  their references are ``$nnUNet_preprocessed/DatasetNNN_NAME/gt_segmentations`` (what nnU-Net's own
+  validation compares with);
+* ``checkpoint_final.pth`` after training (``checkpoint_latest.pth`` while it runs); its ``'logging'``
+  entry is ``nnUNetLogger``'s per-epoch lists (``train_losses``, ``val_losses``, ``mean_fg_dice``: the
+  pseudo-Dice on validation patches, ``ema_fg_dice``: its moving average, ...).
+
+Nothing is skipped silently: :class:`FoldRun` lists what is missing, and the report prints it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from nnunet_ext.errors import UserInputError
+
+__all__ = ["CURVE_KEYS", "FoldRun", "trainer_folder", "find_trainers", "read_validation_splits", "inspect_fold",
+           "read_training_curves"]
+
+#: The per-epoch lists of nnU-Net's logger that the report plots.
+CURVE_KEYS = ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice")
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
+
+
+def trainer_folder(results_dataset_folder: str, trainer: str, plans: str, configuration: str) -> str:
+    return os.path.join(results_dataset_folder, f"{trainer}__{plans}__{configuration}")
+
+
+def find_trainers(results_dataset_folder: str, plans: str, configuration: str) -> List[str]:
+    """Names of the trainers with a ``TRAINER__PLANS__CONFIG`` folder, sorted."""
+    suffix = f"__{plans}__{configuration}"
+    if not os.path.isdir(results_dataset_folder):
+        return []
+    return sorted(name[:-len(suffix)] for name in os.listdir(results_dataset_folder)
+                  if name.endswith(suffix) and len(name) > len(suffix)
+                  and os.path.isdir(os.path.join(results_dataset_folder, name)))
+
+
+def read_validation_splits(preprocessed_dataset_folder: str) -> Optional[List[List[str]]]:
+    """The validation cases of each fold from ``splits_final.json``, or None when there is none."""
+    path = os.path.join(preprocessed_dataset_folder, "splits_final.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        splits = json.load(f)
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and "val" in s for s in splits):
+        raise UserInputError(f"{path} is not nnU-Net's splits file (a list of {{'train': [...], 'val': [...]}})")
+    return [sorted(str(case) for case in s["val"]) for s in splits]
+
+
+def _cases(folder: str, file_ending: str) -> Dict[str, str]:
+    return {name[:-len(file_ending)]: os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if name.endswith(file_ending) and len(name) > len(file_ending)
+            and os.path.isfile(os.path.join(folder, name))}
+
+
+def _some(names: Sequence[str], limit: int = 8) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass
+class FoldRun:
+    """One fold of one trainer: what exists, what will be evaluated, what is missing."""
+    trainer: str
+    fold: int
+    folder: str
+    exists: bool
+    #: case -> validation prediction file, for the cases that will be evaluated
+    predictions: Dict[str, str] = field(default_factory=dict)
+    #: the fold's validation cases (splits_final.json), None when the split file does not list this fold
+    expected: Optional[Tuple[str, ...]] = None
+    #: expected cases without a prediction
+    missing_predictions: Tuple[str, ...] = ()
+    #: predictions of cases that are not validation cases of this fold (not evaluated)
+    unexpected_predictions: Tuple[str, ...] = ()
+    #: predictions without a reference in gt_segmentations (not evaluated)
+    without_reference: Tuple[str, ...] = ()
+    has_validation_folder: bool = False
+    checkpoint: Optional[str] = None
+
+    @property
+    def checkpoint_name(self) -> Optional[str]:
+        return None if self.checkpoint is None else os.path.basename(self.checkpoint)
+
+    @property
+    def evaluated(self) -> bool:
+        return bool(self.predictions)
+
+    def problems(self) -> List[str]:
+        """One line per thing that is missing or left out (empty when the fold is complete)."""
+        where = f"{self.trainer} fold {self.fold}"
+        if not self.exists:
+            return [f"{where}: missing (no folder {self.folder})"]
+        lines = []
+        if not self.has_validation_folder:
+            lines.append(f"{where}: no validation predictions (no folder {os.path.join(self.folder, 'validation')}; "
+                         f"training unfinished, or validation not run: nnUNetv2_train ... --val)")
+        elif not self.predictions and not self.missing_predictions:
+            lines.append(f"{where}: the validation folder holds no prediction")
+        if self.has_validation_folder and self.missing_predictions:
+            total = len(self.expected) if self.expected is not None else len(self.missing_predictions)
+            lines.append(f"{where}: validation predictions missing for {len(self.missing_predictions)} of {total} "
+                         f"validation cases: {_some(self.missing_predictions)}")
+        if self.expected is None and self.has_validation_folder:
+            lines.append(f"{where}: splits_final.json does not list this fold; evaluated the predictions found "
+                         f"without knowing which cases were expected")
+        if self.unexpected_predictions:
+            lines.append(f"{where}: not evaluated, not validation cases of this fold (splits_final.json): "
+                         f"{_some(self.unexpected_predictions)}")
+        if self.without_reference:
+            lines.append(f"{where}: not evaluated, no reference in gt_segmentations: {_some(self.without_reference)}")
+        if self.checkpoint is None:
+            lines.append(f"{where}: no checkpoint ({' / '.join(CHECKPOINTS)}): no training curves")
+        elif self.checkpoint_name != CHECKPOINTS[0]:
+            lines.append(f"{where}: training unfinished (no {CHECKPOINTS[0]}): curves from {self.checkpoint_name}")
+        return lines
+
+
+def inspect_fold(folder: str, trainer: str, fold: int, expected: Optional[Sequence[str]], references: Dict[str, str],
+                 file_ending: str) -> FoldRun:
+    """What ``folder`` (``.../TRAINER__PLANS__CONFIG/fold_F``) holds.
+
+    Args:
+        expected: the fold's validation cases (None: unknown, every prediction with a reference counts).
+        references: case -> reference file (gt_segmentations).
+    """
+    run = FoldRun(trainer, fold, folder, os.path.isdir(folder),
+                  expected=None if expected is None else tuple(sorted(expected)))
+    if not run.exists:
+        return run
+    run.checkpoint = next((os.path.join(folder, name) for name in CHECKPOINTS
+                           if os.path.isfile(os.path.join(folder, name))), None)
+    validation = os.path.join(folder, "validation")
+    run.has_validation_folder = os.path.isdir(validation)
+    found = _cases(validation, file_ending) if run.has_validation_folder else {}
+    wanted = set(found) if expected is None else set(expected)
+    run.unexpected_predictions = tuple(sorted(set(found) - wanted))
+    run.missing_predictions = tuple(sorted(wanted - set(found)))
+    usable = sorted(set(found) & wanted)
+    run.without_reference = tuple(case for case in usable if case not in references)
+    run.predictions = {case: found[case] for case in usable if case in references}
+    return run
+
+
+def read_training_curves(checkpoint: str) -> Dict[str, List[float]]:
+    """``{key: per-epoch values}`` for :data:`CURVE_KEYS` from a checkpoint's ``'logging'`` entry.
+
+    The checkpoint is a pickle (nnU-Net saves and loads it with ``weights_only=False``); read only
+    checkpoints of your own trainings."""
+    import torch
+    try:
+        content = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise UserInputError(f"cannot read the checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+    logging = content.get("logging") if isinstance(content, dict) else None
+    if not isinstance(logging, dict):
+        raise UserInputError(f"{checkpoint} has no 'logging' entry (not an nnU-Net v2 checkpoint?)")
+    missing = [key for key in CURVE_KEYS if key not in logging]
+    if missing:
+        raise UserInputError(f"{checkpoint}: its 'logging' entry lacks {', '.join(missing)}")
+    return {key: [float(v) for v in logging[key]] for key in CURVE_KEYS}

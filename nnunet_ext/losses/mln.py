@@ -1,0 +1,225 @@
+"""The loss of the multi-level structural network (MLN), Eqs. 12-13 of
+``shared/papers/multi_level_structural_loss.md`` (Sections 3.1-3.4, 4.1.1), the fine model's part:
+
+    L_MLN = E_R(P^region) + alpha E_B^S(P^boundary) + beta E_P(L^pixel) + gamma E_R(P^fusion)      (Eq. 13)
+
+    E_B^S(P^boundary) = E_B(sigmoid(P^boundary)) + 1/n sum (P^boundary - (-Phi))^2                (Eq. 12)
+
+- ``E_R``: the region term, applied to the region head at every deep-supervision scale (nnU-Net's
+  weights) and to the fused prediction (full resolution). The paper uses Dice; we take the region
+  term of the trainer's loss mixin (nnU-Net's Dice + CE for ``nnUNetTrainerMLN``), as the
+  multi-level loss trainers do.
+- ``E_B^S`` (Eq. 12): Kervadec's boundary loss (Eq. 6, :class:`~nnunet_ext.losses.boundary.BoundaryLoss`
+  with sigmoid probabilities, one channel per foreground class) on ``sigmoid(P^boundary)`` plus the
+  mean squared error between ``P^boundary`` and ``-Phi`` (``Phi`` negative inside, so the boundary
+  head is positive inside). ``n`` counts the valid voxels times the foreground classes.
+- ``E_P``: cross-entropy of the pixel branch's logits at its points against the labels of those
+  voxels (BCE in the paper's binary setting; softmax CE for label maps), mean over the valid points.
+- ``Phi`` is the full-resolution signed distance map delivered with the targets (``cat([labels, Phi])``,
+  :mod:`nnunet_ext.training.distance_transform`), in the configuration's spacing (millimetres).
+  ``distance_scale`` (default 1: the paper's Eq. 12) expresses the head in units of
+  ``distance_scale`` millimetres: target ``-Phi / distance_scale`` and boundary loss on
+  ``sigmoid(P^boundary)``, i.e. a soft mask whose transition is ``distance_scale`` mm wide.
+- Schedule (Section 4.1.1, for the MLN): alpha = 1 from the start; beta = gamma = 0 for the first 12
+  epochs, then 1 (:class:`MLNSchedule`). The coarse model's term ``omega_1 E_R(P_{theta_C})`` and the
+  overall factor ``omega_2`` have no counterpart (nnU-Net trains one network).
+
+The ignore label is excluded from every term (nnU-Net's region loss masks it; the distance terms
+and the point term use the mask). Label maps only (softmax).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_ext.losses.boundary import BoundaryLoss
+from nnunet_ext.losses.schedules import TermWeights
+from nnunet_ext.nn.point_attention import gather_points
+
+__all__ = ["MLNTermWeights", "MLNSchedule", "SignedDistanceRegressionLoss", "PointCrossEntropyLoss", "MLNLoss",
+           "MLN_TERMS"]
+
+MLN_TERMS = ('region', 'boundary', 'distance_l2', 'point', 'fusion')
+
+
+@dataclass(frozen=True)
+class MLNTermWeights(TermWeights):
+    """Weights of Eq. 13: region 1, ``boundary`` alpha (both parts of Eq. 12), ``point`` beta, ``fusion`` gamma."""
+    fusion: float
+
+
+@dataclass(frozen=True)
+class MLNSchedule:
+    """Section 4.1.1 for the MLN: ``alpha`` from the start (1: "initialized as alpha = 1"); ``beta`` and
+    ``gamma`` 0 for the first ``start`` epochs (12) and then their values (1), with
+    ``step = epoch // epochs_per_step`` counted as in :class:`~nnunet_ext.losses.schedules.PaperSchedule`.
+    """
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    start: int = 12
+    epochs_per_step: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.epochs_per_step, int) or self.epochs_per_step < 1:
+            raise ValueError(f"epochs_per_step must be a positive int, got {self.epochs_per_step!r}")
+
+    def __call__(self, epoch: int) -> MLNTermWeights:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        on = epoch // self.epochs_per_step >= self.start
+        return MLNTermWeights(1.0, self.alpha, self.beta if on else 0.0, self.gamma if on else 0.0)
+
+
+def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``values`` (B, K, ...) over the voxels where ``mask`` (B, 1, ...) is 1; 0 without any."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / (mask.sum() * values.shape[1]).clamp_min(1)
+
+
+class SignedDistanceRegressionLoss(nn.Module):
+    """``E_B^S`` of Eq. 12: ``mean(sigmoid(P) * Phi) + mean((P + Phi / s)^2)`` over valid voxels and
+    foreground classes (``s = distance_scale``).
+
+    ``forward(prediction, distance, loss_mask=None)``: ``prediction`` ``P^boundary`` (B, K, *spatial),
+    positive inside; ``distance`` ``Phi`` (B, K, *spatial); ``loss_mask`` (B, 1, *spatial), 0 on
+    ignored voxels. :meth:`terms` returns the two parts separately.
+    """
+
+    def __init__(self, distance_scale: float = 1.0):
+        super().__init__()
+        if not distance_scale > 0:
+            raise ValueError(f"distance_scale must be > 0, got {distance_scale}")
+        self.distance_scale = float(distance_scale)
+        self.boundary = BoundaryLoss(use_sigmoid=True)
+
+    def terms(self, prediction: torch.Tensor, distance: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
+        """``(E_B(sigmoid(P)), 1/n sum (P + Phi/s)^2)``."""
+        if prediction.shape != distance.shape:
+            raise ValueError(f"the boundary head's prediction {tuple(prediction.shape)} and the distance maps "
+                             f"{tuple(distance.shape)} must have the same shape (one map per foreground class)")
+        prediction = prediction.to(torch.promote_types(prediction.dtype, torch.float32))
+        boundary = self.boundary(prediction, distance, loss_mask)
+        squared = (prediction + distance.to(prediction.dtype) / self.distance_scale).square()
+        return boundary, _masked_mean(squared, loss_mask)
+
+    def forward(self, prediction: torch.Tensor, distance: torch.Tensor,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        boundary, squared = self.terms(prediction, distance, loss_mask)
+        return boundary + squared
+
+
+class PointCrossEntropyLoss(nn.Module):
+    """``E_P`` for the pixel branch: mean cross-entropy of its logits at its points.
+
+    ``forward(point_logits, point_indices, labels, loss_mask=None)``: ``point_logits`` (B, C, N),
+    ``point_indices`` (B, N) flat voxel indices into ``labels`` (B, 1, *spatial) (a label map without
+    the ignore label), ``loss_mask`` (B, 1, *spatial), 0 on ignored voxels (such points do not count;
+    no valid point gives 0).
+    """
+
+    def forward(self, point_logits: torch.Tensor, point_indices: torch.Tensor, labels: torch.Tensor,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels.shape[1] != 1 or point_logits.shape[0] != labels.shape[0]:
+            raise ValueError(f"labels must be a (B={point_logits.shape[0]}, 1, *spatial) label map, got "
+                             f"{tuple(labels.shape)}")
+        point_labels = gather_points(labels, point_indices)[:, 0].long()
+        losses = F.cross_entropy(point_logits.to(torch.promote_types(point_logits.dtype, torch.float32)),
+                                 point_labels, reduction='none')
+        if loss_mask is None:
+            return losses.mean()
+        valid = gather_points(loss_mask, point_indices)[:, 0].to(losses.dtype)
+        return (losses * valid).sum() / valid.sum().clamp_min(1)
+
+
+class MLNLoss(nn.Module):
+    """Eq. 13 on the MLN network's training output and distance-carrying targets.
+
+    Args:
+        region_loss: the per-output region term ``(logits, labels) -> loss`` (e.g. nnU-Net's
+            ``DC_and_CE_loss`` with its ignore label).
+        ignore_label: label value to ignore, or ``None``.
+        deep_supervision_weights: one weight per region output (nnU-Net's); ``None``: all 1.
+        distance_loss: ``E_B^S`` (default :class:`SignedDistanceRegressionLoss`).
+        point_loss: ``E_P`` (default :class:`PointCrossEntropyLoss`).
+        keep_zero_weight_terms: compute terms of weight 0 in the graph (multiplied by 0) instead of
+            without gradient; needed under DDP, which expects a gradient for every parameter.
+
+    ``forward(output, target)``: ``output`` an :class:`~nnunet_ext.architectures.mln_unet.MLNOutput`
+    (attributes ``region``, ``distance``, ``point_logits``, ``point_indices``, ``fused``); ``target``
+    the list of ``cat([labels, Phi], 1)`` per deep-supervision scale (or one tensor). ``weights`` (an
+    :class:`MLNTermWeights`) holds alpha, beta, gamma; every call adds the unweighted terms
+    (``MLN_TERMS``) to the sums read by :meth:`pop_term_means`.
+    """
+
+    def __init__(self, region_loss: nn.Module, ignore_label: Optional[int] = None,
+                 deep_supervision_weights: Optional[Sequence[float]] = None, distance_loss: Optional[nn.Module] = None,
+                 point_loss: Optional[nn.Module] = None, keep_zero_weight_terms: bool = False):
+        super().__init__()
+        self.region_loss = region_loss
+        self.distance_loss = SignedDistanceRegressionLoss() if distance_loss is None else distance_loss
+        self.point_loss = PointCrossEntropyLoss() if point_loss is None else point_loss
+        self.ignore_label = ignore_label
+        self.deep_supervision_weights = None if deep_supervision_weights is None else \
+            [float(w) for w in deep_supervision_weights]
+        self.keep_zero_weight_terms = keep_zero_weight_terms
+        self.weights = MLNTermWeights(1.0, 1.0, 0.0, 0.0)
+        self.term_sums = {t: 0.0 for t in MLN_TERMS}
+        self.term_count = 0
+
+    def _targets(self, output, target):
+        if isinstance(output, torch.Tensor) or not hasattr(output, 'region'):
+            raise ValueError("the MLN loss needs the MLN network's training output (all branches), which it returns "
+                             "with deep supervision on; got a plain tensor (deep supervision off?)")
+        targets = list(target) if isinstance(target, (list, tuple)) else [target]
+        weights = self.deep_supervision_weights or [1.0] * len(output.region)
+        if not len(output.region) == len(targets) == len(weights):
+            raise ValueError(f"deep supervision: {len(output.region)} region outputs, {len(targets)} targets, "
+                             f"{len(weights)} weights; the network's heads must match the trainer's "
+                             f"_get_deep_supervision_scales()")
+        distance = targets[0][:, 1:]
+        if distance.shape != output.distance.shape:
+            raise ValueError(f"targets carry {distance.shape[1]} distance map(s) after the label channel; the "
+                             f"boundary head predicts {output.distance.shape[1]} (one per foreground class). Are the "
+                             f"signed distance maps added to the data pipeline (SignedDistanceTransform)?")
+        return targets, weights
+
+    def _term(self, weight: float, compute):
+        if weight != 0 or self.keep_zero_weight_terms:
+            return compute()
+        with torch.no_grad():
+            return compute()
+
+    def forward(self, output, target) -> torch.Tensor:
+        targets, ds_weights = self._targets(output, target)
+        labels = targets[0][:, :1]
+        mask = None if self.ignore_label is None else labels != self.ignore_label
+        point_labels = labels if mask is None else torch.where(mask, labels, 0)
+        w = self.weights
+        zero = output.fused.new_zeros((), dtype=torch.float32)
+        region = sum((dw * self.region_loss(o, t[:, :1]) for o, t, dw in zip(output.region, targets, ds_weights)
+                      if dw != 0), zero)
+        boundary, distance_l2 = self._term(w.boundary, lambda: self.distance_loss.terms(
+            output.distance, targets[0][:, 1:], mask))
+        point = self._term(w.point, lambda: self.point_loss(output.point_logits, output.point_indices,
+                                                            point_labels, mask))
+        fusion = self._term(w.fusion, lambda: self.region_loss(output.fused, labels))
+        values = (region, boundary, distance_l2, point, fusion)
+        for name, value in zip(MLN_TERMS, values):
+            self.term_sums[name] = self.term_sums[name] + value.detach()  # no device sync per step
+        self.term_count += 1
+        return w.region * region + w.boundary * (boundary + distance_l2) + w.point * point + w.fusion * fusion
+
+    def pop_term_means(self) -> dict:
+        """Mean of each (unweighted) term over the calls since the last pop; resets the sums."""
+        means = {t: (float(s) / self.term_count if self.term_count else float('nan'))
+                 for t, s in self.term_sums.items()}
+        self.term_sums = {t: 0.0 for t in MLN_TERMS}
+        self.term_count = 0
+        return means

@@ -1,0 +1,53 @@
+"""Smoke tests of the bench entry points (no benchmark is run): their command lines parse and refuse bad
+options, and the CPU peak-memory meter sees an allocation of known size."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench')
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, os.path.join(BENCH, name), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize('name, words', [('run_all.py', ['--rounds', '--inference-rounds', '-tr', 'RESULTS.md']),
+                                         ('convergence.py', ['--iterations', '--eval-every', '--dataset'])])
+def test_help(name, words):
+    result = _script(name, '--help')
+    assert result.returncode == 0, result.stderr
+    assert all(w in result.stdout for w in words), result.stdout
+
+
+def test_convergence_refuses_bad_options():
+    result = _script('convergence.py', '-tr', 'nnUNetTrainerGODC', '--iterations', '25', '--eval-every', '10')
+    assert result.returncode == 2 and 'must divide --iterations 25' in result.stderr, result.stderr
+    result = _script('convergence.py', '-tr', 'nnUNetTrainer')
+    assert result.returncode == 2 and 'other than nnUNetTrainer' in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='the CPU meter reads /proc (Linux)')
+def test_cpu_peak_memory_meter_sees_a_known_allocation():
+    sys.path.insert(0, BENCH)
+    try:
+        from peak_memory import peak_memory_meter
+    finally:
+        sys.path.remove(BENCH)
+    import torch
+    meter, method = peak_memory_meter(torch.device('cpu'))
+    assert meter is not None and 'VmHWM' in method
+    size_mib = 64
+
+    def allocate():
+        block = np.ones(size_mib * 2 ** 20 // 8)  # every page written
+        return float(block[-1])
+
+    peak = meter(allocate)
+    assert size_mib * 0.95 <= peak <= size_mib * 1.5, peak
+    assert meter(lambda: None) < 8  # nothing allocated: (almost) nothing measured

@@ -1,0 +1,241 @@
+"""``nnunet_ext.evaluation.compare`` without training: a fabricated ``nnUNet_results`` tree (small NIfTI
+label maps, nnU-Net's folder layout, checkpoints holding only a ``'logging'`` entry), the paired test
+against scipy, the report against per-case Dice computed here with numpy."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.stats import wilcoxon
+
+from nnunet_ext.errors import UserInputError
+from nnunet_ext.evaluation.compare import REPORT_FILES, compare, default_output_folder, write_report
+from nnunet_ext.evaluation.paired_test import paired_wilcoxon
+from nnunet_ext.evaluation.report import markdown_table
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+DATASET = 'Dataset321_CompareToy'
+SHAPE = (1, 20, 24)
+CASES = [f'case_{i}' for i in range(6)]
+SPLITS = [{'train': [], 'val': ['case_0', 'case_3']}, {'train': [], 'val': ['case_1', 'case_4']},
+          {'train': [], 'val': ['case_2', 'case_5']}]
+
+
+# --- the paired test ------------------------------------------------------------------------------------------------
+
+def test_paired_wilcoxon_equals_scipy_on_the_common_defined_pairs():
+    rng = np.random.default_rng(1)
+    reference = {('0', f'c{i}'): float(v) for i, v in enumerate(rng.uniform(0.5, 0.9, 12))}
+    other = {k: v + float(rng.normal(0.03, 0.05)) for k, v in reference.items()}
+    other[('0', 'c3')] = math.nan               # undefined for one trainer: not a pair
+    other[('1', 'only_other')] = 0.7            # evaluated for one trainer only: not a pair
+    other[('0', 'c5')] = reference[('0', 'c5')]  # a zero difference: dropped by zero_method='wilcox'
+    keys = [k for k in reference if k != ('0', 'c3')]
+    result = paired_wilcoxon(reference, other)
+    expected = wilcoxon([other[k] for k in keys], [reference[k] for k in keys])
+    assert result['n_pairs'] == 11 and result['n_nonzero'] == 10
+    assert result['p'] == pytest.approx(float(expected.pvalue), rel=1e-12)
+    assert result['statistic'] == pytest.approx(float(expected.statistic))
+    d = np.array([other[k] - reference[k] for k in keys])
+    assert result['mean_difference'] == pytest.approx(d.mean()) and result['median_difference'] == pytest.approx(
+        np.median(d))
+    assert result['note'] is None
+
+
+def test_paired_wilcoxon_without_a_test_says_why():
+    same = {('0', 'a'): 0.5, ('0', 'b'): 0.7}
+    result = paired_wilcoxon(same, dict(same))
+    assert result['p'] is None and result['n_pairs'] == 2 and 'all 2 paired differences are zero' in result['note']
+    result = paired_wilcoxon({('0', 'a'): 0.5}, {('1', 'a'): 0.5, ('0', 'a'): math.nan})
+    assert result['p'] is None and result['n_pairs'] == 0 and 'no case' in result['note']
+    # two non-zero differences: scipy's exact p (0.5), and the note that it cannot be small
+    result = paired_wilcoxon({'a': 0.5, 'b': 0.6}, {'a': 0.7, 'b': 0.9})
+    assert result['p'] == pytest.approx(0.5) and 'cannot be below 0.5' in result['note']
+
+
+# --- a fabricated results tree --------------------------------------------------------------------------------------
+
+def _write(path, array):
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing((0.7, 0.9, 1.0))
+    sitk.WriteImage(image, path)
+
+
+def _reference(i):
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[0, 3:15, 4:18 - i] = 1
+    ref[0, 6:9 + i % 2, 7:10] = 2
+    return ref
+
+
+def _prediction(i, shift):
+    pred = np.zeros(SHAPE, np.uint8)
+    pred[0, 3 + shift:15, 5:18 - i + shift] = 1
+    if i % 3:
+        pred[0, 6:9, 7 + shift:11] = 2
+    return pred
+
+
+def _checkpoint(path, epochs, offset):
+    logging = {'train_losses': [1.0 - 0.1 * e - offset for e in range(epochs)],
+               'val_losses': [1.1 - 0.1 * e - offset for e in range(epochs)],
+               'mean_fg_dice': [0.1 * e + offset for e in range(epochs)],
+               'ema_fg_dice': [0.05 * e + offset for e in range(epochs)],
+               'dice_per_class_or_region': [[0.1, 0.2]] * epochs, 'lrs': [0.01] * epochs,
+               'epoch_start_timestamps': [0.0] * epochs, 'epoch_end_timestamps': [1.0] * epochs}
+    torch.save({'logging': logging, 'trainer_name': 'x'}, path)
+
+
+# trainer -> fold -> (shift of the predictions, cases left out of the validation folder, checkpoint or None)
+TREE = {'nnUNetTrainer': {0: (0, (), 'checkpoint_final.pth'), 1: (0, (), 'checkpoint_final.pth'),
+                          2: (0, (), 'checkpoint_final.pth')},
+        'nnUNetTrainerGODC': {0: (1, (), 'checkpoint_final.pth'), 1: (1, ('case_4',), 'checkpoint_latest.pth'),
+                              2: (2, (), None)}}
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    raw, pre, res = tmp_path / 'raw', tmp_path / 'pre', tmp_path / 'res'
+    for variable, folder in (('nnUNet_raw', raw), ('nnUNet_preprocessed', pre), ('nnUNet_results', res)):
+        (folder / DATASET).mkdir(parents=True)
+        monkeypatch.setenv(variable, str(folder))
+    (raw / DATASET / 'dataset.json').write_text(json.dumps(
+        {'channel_names': {'0': 'CT'}, 'labels': {'background': 0, 'liver': 1, 'tumour': 2}, 'numTraining': 6,
+         'file_ending': '.nii.gz'}))
+    (pre / DATASET / 'gt_segmentations').mkdir()
+    (pre / DATASET / 'splits_final.json').write_text(json.dumps(SPLITS))
+    for i, case in enumerate(CASES):
+        _write(str(pre / DATASET / 'gt_segmentations' / f'{case}.nii.gz'), _reference(i))
+    for trainer, folds in TREE.items():
+        for fold, (shift, left_out, checkpoint) in folds.items():
+            folder = res / DATASET / f'{trainer}__nnUNetPlans__2d' / f'fold_{fold}'
+            (folder / 'validation').mkdir(parents=True)
+            for case in SPLITS[fold]['val']:
+                if case not in left_out:
+                    _write(str(folder / 'validation' / f'{case}.nii.gz'), _prediction(CASES.index(case), shift))
+            (folder / 'validation' / 'summary.json').write_text('{}')
+            if checkpoint:
+                _checkpoint(str(folder / checkpoint), 3 + fold, 0.1 * shift)
+    return tmp_path
+
+
+def _dice(pred, ref):
+    """Independent Dice: NaN when both are empty."""
+    total = pred.sum() + ref.sum()
+    return float('nan') if total == 0 else 2.0 * np.logical_and(pred, ref).sum() / total
+
+
+def _expected_dice(trainer, folds, label):
+    """{(fold, case): Dice} from the arrays of the fabricated tree."""
+    out = {}
+    for fold in folds:
+        shift, left_out, _ = TREE[trainer][fold]
+        for case in SPLITS[fold]['val']:
+            if case not in left_out:
+                i = CASES.index(case)
+                out[(fold, case)] = _dice(_prediction(i, shift) == label, _reference(i) == label)
+    return out
+
+
+def test_compare_report_numbers_plots_and_missing_items(tree):
+    lines = []
+    result = compare('321', '2d', folds=[0, 1, 2, 3], num_processes=1, progress=False, log=lines.append)
+    content = result.content
+    assert content['trainers'] == ['nnUNetTrainer', 'nnUNetTrainerGODC'] and content['dataset'] == DATASET
+    problems = '\n'.join(content['problems'])
+    # everything missing is named: fold 3 of both, the left-out case, the unfinished and the checkpoint-less fold
+    assert 'nnUNetTrainer fold 3: missing' in problems and 'nnUNetTrainerGODC fold 3: missing' in problems
+    assert 'nnUNetTrainerGODC fold 1: validation predictions missing for 1 of 2' in problems and 'case_4' in problems
+    assert 'nnUNetTrainerGODC fold 1: training unfinished' in problems
+    assert 'nnUNetTrainerGODC fold 2: no checkpoint' in problems
+    assert all(any(p in line for line in lines) for p in content['problems'])
+
+    for trainer in TREE:
+        for name, label in (('liver', 1), ('tumour', 2)):
+            expected = _expected_dice(trainer, [0, 1, 2], label)
+            got = {(c['fold'], c['case']): c['metrics'][name]['Dice'] for c in content['per_case']
+                   if c['trainer'] == trainer}
+            assert got.keys() == expected.keys()
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value, rel=1e-12), (trainer, name, key)
+            values = np.array(list(expected.values()))
+            stats = content['per_trainer'][trainer]['per_class'][name]['Dice']
+            assert stats['mean'] == pytest.approx(values.mean()) and stats['std'] == pytest.approx(values.std())
+            fold_means = [np.mean([v for (f, _), v in expected.items() if f == fold]) for fold in (0, 1, 2)]
+            fold_dice = content['per_trainer'][trainer]['fold_dice'][name]
+            assert [fold_dice['per_fold'][str(f)] for f in (0, 1, 2)] == pytest.approx(fold_means)
+            assert fold_dice['mean_over_folds'] == pytest.approx(np.mean(fold_means))
+    # the tumour is missed on some cases (Dice 0), so the tumour differences include zeros
+    for name, label in (('liver', 1), ('tumour', 2)):
+        reference = _expected_dice('nnUNetTrainer', [0, 1, 2], label)
+        other = _expected_dice('nnUNetTrainerGODC', [0, 1, 2], label)
+        keys = sorted(reference.keys() & other.keys())
+        x, y = [other[k] for k in keys], [reference[k] for k in keys]
+        test = content['wilcoxon']['tests']['nnUNetTrainerGODC'][name]
+        assert test['n_pairs'] == len(keys) == 5
+        if np.any(np.subtract(x, y) != 0):
+            assert test['p'] == pytest.approx(float(wilcoxon(x, y).pvalue), rel=1e-12)
+        else:
+            assert test['p'] is None and 'zero' in test['note']
+    curves = content['curves']
+    assert sorted(curves['nnUNetTrainer']) == ['0', '1', '2'] and sorted(curves['nnUNetTrainerGODC']) == ['0', '1']
+    assert curves['nnUNetTrainerGODC']['1']['train_losses'] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+
+    out = default_output_folder(DATASET, '2d', 'nnUNetPlans')
+    assert out == os.path.join(os.environ['nnUNet_results'], DATASET, 'compare_2d')
+    files = write_report(result, out)
+    assert sorted(os.listdir(out)) == sorted(REPORT_FILES.values())
+    for kind in ('boxplot', 'curves'):
+        with open(files[kind], 'rb') as f:
+            assert f.read(8) == PNG_SIGNATURE
+        from PIL import Image
+        with Image.open(files[kind]) as image:
+            image.verify()
+    markdown = open(files['markdown'], encoding='utf-8').read()
+    for trainer in TREE:
+        values = np.array(list(_expected_dice(trainer, [0, 1, 2], 1).values()))
+        row = re.search(rf'^\| {trainer} \| liver \| 0 1 2 \| (\d+) \| ([\d.]+) ± ([\d.]+) \|', markdown, re.M)
+        assert row, markdown
+        assert int(row.group(1)) == len(values)
+        assert (float(row.group(2)), float(row.group(3))) == (round(values.mean(), 4), round(values.std(), 4))
+    assert '| fold 3 |' in markdown and 'missing' in markdown and '![Per-case Dice](dice_boxplot.png)' in markdown
+    html = open(files['html'], encoding='utf-8').read()
+    assert html.count('data:image/png;base64,') == 2 and 'nnUNetTrainerGODC fold 3: missing' in html
+    with open(files['json'], encoding='utf-8') as f:
+        assert json.load(f)['per_case'] == json.loads(json.dumps(content['per_case']))
+
+    # a second run replaces the report; a folder with other content is refused and left alone
+    write_report(result, out)
+    assert sorted(os.listdir(out)) == sorted(REPORT_FILES.values())
+    foreign = tree / 'foreign'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('mine')
+    with pytest.raises(UserInputError, match='not a previous compare report'):
+        write_report(result, str(foreign))
+    assert os.listdir(foreign) == ['notes.txt']
+    assert not [n for n in os.listdir(tree) if n.startswith('.')]
+
+
+def test_reference_absent_and_trainer_without_folds(tree):
+    result = compare(DATASET, '2d', trainers=['nnUNetTrainerGODC'], folds=[0], num_processes=1, progress=False,
+                     log=lambda line: None)
+    assert 'nnUNetTrainer is not among the compared trainers' in result.content['wilcoxon']['skipped']
+    from nnunet_ext.evaluation.report import render_report
+    assert 'no paired tests' in render_report(result.content, REPORT_FILES)['markdown']
+    with pytest.raises(UserInputError, match=r'nnUNetTrainerDoesNotExist.*nnUNetTrainer, nnUNetTrainerGODC'):
+        compare(DATASET, '2d', trainers=['nnUNetTrainer', 'nnUNetTrainerDoesNotExist'], folds=[0], num_processes=1,
+                progress=False, log=lambda line: None)
+    with pytest.raises(UserInputError, match='no trainer folder'):
+        compare(DATASET, '3d_fullres', num_processes=1, progress=False, log=lambda line: None)
+    with pytest.raises(UserInputError, match='no validation predictions to evaluate for nnUNetTrainer'):
+        compare(DATASET, '2d', folds=[4], num_processes=1, progress=False, log=lambda line: None)
+
+
+def test_markdown_table_escapes_pipes():
+    assert markdown_table((['a', 'b'], [['x|y', '1']])) == '| a | b |\n|---|---|\n| x\\|y | 1 |'

@@ -1,0 +1,76 @@
+"""``nnUNetTrainerMLN`` through the stock nnU-Net command line on tiny 2D and 3D phantoms (deep
+supervision on, nnU-Net's default): plan_and_preprocess -> train (SHORT_TRAINING) -> predict. The two
+configurations run side by side (``run_parallel``): one plan, one training and one prediction each."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cli_helpers import SHORT_TRAINING, planned_phantom, run_parallel, user_environment
+
+pytestmark = pytest.mark.cli
+
+CASES = {'2d': (213, (48, 48)), '3d_fullres': (214, (12, 32, 32))}
+TRAINER = 'nnUNetTrainerMLN'
+
+
+@pytest.fixture(scope='module')
+def mln_runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('mln'))
+    env = user_environment(root)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two plan_and_preprocess subprocesses at a time
+        futures = {c: pool.submit(planned_phantom, env, i, f'MLNPhantom{c.replace("_", "")}', c, shape)
+                   for c, (i, shape) in CASES.items()}
+        datasets = {c: f.result() for c, f in futures.items()}
+    train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
+    run_parallel([['nnUNetv2_train', str(i), c, '0', '-tr', TRAINER, '-device', 'cpu']
+                  for c, (i, _) in CASES.items()], train_env)
+    runs = {}
+    for c, (i, _) in CASES.items():
+        results = os.path.join(env['nnUNet_results'], datasets[c], f'{TRAINER}__nnUNetPlans__{c}', 'fold_0')
+        with open(sorted(glob.glob(os.path.join(results, 'training_log_*.txt')))[-1], encoding='utf-8') as f:
+            log = f.read()
+        runs[c] = dict(log=log, results=results, images=os.path.join(env['nnUNet_raw'], datasets[c], 'imagesTs'),
+                       predictions=os.path.join(root, f'predictions_{c}'))
+    run_parallel([['nnUNetv2_predict', '-i', runs[c]['images'], '-o', runs[c]['predictions'], '-d', str(i), '-c', c,
+                   '-tr', TRAINER, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0']
+                  for c, (i, _) in CASES.items()], env)
+    return runs
+
+
+@pytest.mark.parametrize('configuration', sorted(CASES))
+def test_training_logs_the_schedule_and_every_term_and_validates(mln_runs, configuration):
+    run = mln_runs[configuration]
+    log = run['log']
+    weights = re.findall(r'multi-level loss weights: region (\S+), boundary \(alpha\) (\S+), point \(beta\) (\S+)',
+                         log)
+    assert weights == [('1', '1', '0')]  # epoch 0 of the MLN schedule
+    assert re.findall(r'MLN fusion weight \(gamma\) (\S+)', log) == ['0']
+    for phase in ('train', 'val'):
+        terms = re.findall(rf'multi-level loss terms \({phase}, unweighted\): region (\S+), boundary (\S+), '
+                           rf'distance_l2 (\S+), point (\S+), fusion (\S+)', log)
+        assert len(terms) == 1, phase
+        assert all(math.isfinite(float(v.rstrip(','))) for v in terms[0])
+    assert os.path.isfile(os.path.join(run['results'], 'checkpoint_final.pth'))
+    # nnU-Net's final validation predicted the held-out case with the network's inference contract
+    assert os.path.isfile(os.path.join(run['results'], 'validation', 'summary.json'))
+
+
+@pytest.mark.parametrize('configuration', sorted(CASES))
+def test_stock_predictor_writes_label_maps(mln_runs, configuration):
+    run = mln_runs[configuration]
+    images = sorted(glob.glob(os.path.join(run['images'], '*_0000.nii.gz')))
+    predicted = sorted(glob.glob(os.path.join(run['predictions'], '*.nii.gz')))
+    assert len(images) == 2
+    assert [os.path.basename(p) for p in predicted] == [os.path.basename(i).replace('_0000', '') for i in images]
+    for image, prediction in zip(images, predicted):
+        array = sitk.GetArrayFromImage(sitk.ReadImage(prediction))
+        assert array.shape == sitk.GetArrayFromImage(sitk.ReadImage(image)).shape
+        assert set(np.unique(array)) <= {0, 1, 2}

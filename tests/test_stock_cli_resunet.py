@@ -1,0 +1,68 @@
+"""The pre-activation residual U-Net trainers through the stock nnU-Net command line, as the README tells
+users to run them, on tiny 2D and 3D phantoms with nnU-Net's default plans: plan_and_preprocess ->
+nnUNetv2_train -> nnUNetv2_predict (the predictor rebuilds the network from the plans without deep
+supervision and loads its weights strictly). 3D also runs the GODC + LFAM combination."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cli_helpers import SHORT_TRAINING, planned_phantom, run_parallel, user_environment
+
+pytestmark = pytest.mark.cli
+
+CASES = {  # configuration -> (dataset id, phantom shape, trainers)
+    '2d': (221, (48, 48), ('nnUNetTrainerResUNet',)),
+    '3d_fullres': (222, (12, 32, 32), ('nnUNetTrainerResUNet', 'nnUNetTrainerResUNetGODCLFAM')),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(CASES))
+def pipeline(request, tmp_path_factory):
+    configuration = request.param
+    dataset_id, shape, trainers = CASES[configuration]
+    root = str(tmp_path_factory.mktemp(f'resunet_{configuration}'))
+    env = user_environment(root)
+    dataset = planned_phantom(env, dataset_id, 'ResUNetPhantom', configuration, shape)
+    train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
+    logs = run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer, '-device', 'cpu']
+                         for trainer in trainers], train_env)
+    images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
+    predictions = {trainer: os.path.join(root, f'pred_{trainer}') for trainer in trainers}
+    run_parallel([['nnUNetv2_predict', '-i', images, '-o', predictions[trainer], '-d', str(dataset_id), '-c',
+                   configuration, '-tr', trainer, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0']
+                  for trainer in trainers], env)
+    results = {trainer: os.path.join(env['nnUNet_results'], dataset, f'{trainer}__nnUNetPlans__{configuration}',
+                                     'fold_0') for trainer in trainers}
+    return dict(configuration=configuration, trainers=trainers, logs=dict(zip(trainers, logs)), images=images,
+                predictions=predictions, results=results)
+
+
+def test_trainers_train_the_preactivation_resunet_with_the_short_schedule(pipeline):
+    for trainer in pipeline['trainers']:
+        log = pipeline['logs'][trainer].stdout
+        assert 'training length from environment' in log, trainer
+        checkpoint = torch.load(os.path.join(pipeline['results'][trainer], 'checkpoint_final.pth'),
+                                map_location='cpu', weights_only=False)
+        assert checkpoint['trainer_name'] == trainer
+        weights = checkpoint['network_weights']
+        assert any(k.endswith('.norm1.weight') for k in weights)  # pre-activation units
+        assert any(k.startswith('decoder.alignments.') for k in weights) == ('LFAM' in trainer)
+        assert not any(k.startswith('decoder.encoder.') for k in weights)  # ours, not nnU-Net's UNetDecoder
+        assert os.path.isfile(os.path.join(pipeline['results'][trainer], 'validation', 'summary.json'))
+
+
+def test_predictions_are_label_maps_on_the_input_grids(pipeline):
+    images = sorted(glob.glob(os.path.join(pipeline['images'], '*_0000.nii.gz')))
+    for trainer, folder in pipeline['predictions'].items():
+        predicted = sorted(glob.glob(os.path.join(folder, '*.nii.gz')))
+        assert [os.path.basename(p) for p in predicted] == [os.path.basename(i).replace('_0000', '') for i in images]
+        for image, prediction in zip(images, predicted):
+            a, b = sitk.ReadImage(image), sitk.ReadImage(prediction)
+            assert a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2}, trainer

@@ -1,0 +1,14 @@
+"""Multi-level structural network trainer (MLN, Section 3 and Eq. 13 of the multi-level structural loss
+paper): the plans' U-Net with region, boundary and pixel branches fused by saliency guidance."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ext.training.loss_mixins import DiceCELossMixin
+from nnunet_ext.training.mln_mixins import MLNArchitectureMixin, MLNLossMixin
+from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
+
+
+class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin, MLNArchitectureMixin,
+                       nnUNetTrainer):
+    """MLN: the plans' U-Net + boundary, pixel (point attention) and fusion heads; Eq. 13 loss; predicts the fusion.
+
+    Region term Dice+CE; alpha 1, beta = gamma = 0 for the first 12 epochs, then 1 (Section 4.1.1)."""
