@@ -41,7 +41,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from nnunet_ext.conversion.geometry import check_same_grid
-from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.conversion.readers import checked_label_counts, label_counts, read_image
 from nnunet_ext.errors import UserInputError

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.conversion.readers import add_unique, label_counts, read_picture
 from nnunet_ext.errors import UserInputError

@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.conversion.dicom import read_series, unzipped
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
-from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.conversion.readers import add_unique, label_counts
 from nnunet_ext.errors import UserInputError

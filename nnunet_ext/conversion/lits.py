@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
-from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_image
 from nnunet_ext.errors import UserInputError

@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 from typing import Dict, Tuple
 
-from nnunet_ext.conversion.parallel import run_cases
+from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.errors import UserInputError
 

@@ -99,7 +99,8 @@ def _trainer_order(trainers: Sequence[str]) -> List[str]:
 def _evaluate_cases(runs: Dict[str, List[FoldRun]], references: Dict[str, str], labels, num_processes: int,
                     progress: bool) -> List[dict]:
     # the case evaluation of `nnunet-ext evaluate` (same reader, spacing check, metrics), over all folds
-    from nnunet_ext.evaluation.evaluate import _evaluate_case, _run
+    from nnunet_ext.evaluation.evaluate import evaluate_case
+    from nnunet_ext.parallel import run_cases
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     jobs, keys = [], []
     for trainer, fold_runs in runs.items():
@@ -112,8 +113,8 @@ def _evaluate_cases(runs: Dict[str, List[FoldRun]], references: Dict[str, str], 
         reader_class = determine_reader_writer_from_dataset_json(labels.dataset_json, example, verbose=False)
     except RuntimeError as e:
         raise UserInputError(f"no nnU-Net reader opens {example}: {e}") from None
-    results = _run(_evaluate_case, [(*job, reader_class, labels.classes, labels.ignore_label) for job in jobs],
-                   num_processes, progress, "evaluate")
+    results = run_cases(evaluate_case, [(*job, reader_class, labels.classes, labels.ignore_label) for job in jobs],
+                        num_processes, "evaluate", progress)
     return [{"trainer": trainer, "fold": fold, **result} for (trainer, fold), result in zip(keys, results)]
 
 

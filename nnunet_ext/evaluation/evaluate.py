@@ -13,17 +13,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from nnunet_ext import __version__
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.evaluation.metrics import CONVENTIONS, EvaluatedClass, case_metrics
 from nnunet_ext.evaluation.summary import aggregate, nan_to_none
+from nnunet_ext.parallel import run_cases
 
 __all__ = ["DEFAULT_SUMMARY_NAME", "DatasetLabels", "evaluate_folders", "dataset_labels", "write_json_atomic"]
 
@@ -140,7 +139,7 @@ def _reference_labels(reader_class, path: str) -> List[int]:
     return [int(v) for v in np.unique(_read(reader_class, path)[0])]
 
 
-def _evaluate_case(case: str, pred_file: str, ref_file: str, reader_class, classes: Sequence[EvaluatedClass],
+def evaluate_case(case: str, pred_file: str, ref_file: str, reader_class, classes: Sequence[EvaluatedClass],
                    ignore_label: Optional[int]) -> dict:
     pred, pred_spacing = _read(reader_class, pred_file)
     ref, spacing = _read(reader_class, ref_file)
@@ -153,32 +152,6 @@ def _evaluate_case(case: str, pred_file: str, ref_file: str, reader_class, class
     return {"case": case, "prediction_file": os.path.abspath(pred_file),
             "reference_file": os.path.abspath(ref_file), "shape": list(ref.shape), "spacing": list(spacing),
             "metrics": case_metrics(pred, ref, classes, spacing, ignore_label)}
-
-
-def _run(function, jobs: List[tuple], num_processes: int, progress: bool, description: str) -> list:
-    """``[function(*job) for job in jobs]``, over ``num_processes`` processes, with a progress bar."""
-    bar = tqdm(total=len(jobs), desc=description, disable=not progress, unit='case')
-    try:
-        if num_processes == 1 or len(jobs) == 1:
-            results = []
-            for job in jobs:
-                results.append(function(*job))
-                bar.update()
-            return results
-        results = [None] * len(jobs)
-        with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs))) as pool:
-            futures = {pool.submit(function, *job): i for i, job in enumerate(jobs)}
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-        return results
-    finally:
-        bar.close()
 
 
 def write_json_atomic(content: dict, path: str) -> None:
@@ -261,8 +234,8 @@ def evaluate_folders(pred_folder: str, ref_folder: str, dataset: Optional[str] =
         classes = known.classes
         source = f"dataset.json of {known.name} ({'regions' if known.has_regions else 'labels'})"
     else:
-        found = _run(_reference_labels, [(reader_class, ref) for _, _, ref in cases], num_processes, progress,
-                     'labels')
+        found = run_cases(_reference_labels, [(reader_class, ref) for _, _, ref in cases], num_processes, 'labels',
+                          progress)
         values = sorted({v for case_values in found for v in case_values if v > 0})
         if not values:
             raise UserInputError(f"the references in {ref_folder} hold no label > 0; give --labels to evaluate "
@@ -274,8 +247,8 @@ def evaluate_folders(pred_folder: str, ref_folder: str, dataset: Optional[str] =
     log(f"classes: {', '.join(described)} [{source}]"
         + (f"; voxels with the ignore label {ignore_label} are not evaluated" if ignore_label is not None else ""))
 
-    per_case = _run(_evaluate_case, [(case, pred, ref, reader_class, classes, ignore_label)
-                                     for case, pred, ref in cases], num_processes, progress, 'evaluate')
+    per_case = run_cases(evaluate_case, [(case, pred, ref, reader_class, classes, ignore_label)
+                                          for case, pred, ref in cases], num_processes, 'evaluate', progress)
     class_names = [c.name for c in classes]
     summary = {
         "nnunet_ext_version": __version__,

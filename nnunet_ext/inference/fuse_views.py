@@ -40,19 +40,17 @@ rule, inputs and their slicing axes, per case the voxels where views disagree an
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from nnunet_ext import __version__
 from nnunet_ext.errors import UserInputError
+from nnunet_ext.parallel import run_cases
 
 __all__ = ['METHODS', 'TIE_BREAKS', 'VIEW_AXES', 'FusionRule', 'ViewFolder', 'check_views', 'fuse_case',
            'fuse_view_folders', 'majority_vote', 'mean_probabilities', 'output_values', 'read_view_folder',
@@ -303,33 +301,6 @@ def fuse_case(case: str, seg_files: Sequence[str], npz_files: Optional[Sequence[
             'tie_voxels': tie_voxels(maps, values) if rule.method == 'vote' else None}
 
 
-def _run(jobs: List[tuple], num_processes: int, progress: bool) -> list:
-    """``[fuse_case(*job) for job in jobs]`` over ``num_processes`` processes, with a progress bar."""
-    bar = tqdm(total=len(jobs), desc='fuse views', unit='case', disable=not progress)
-    try:
-        if num_processes == 1 or len(jobs) == 1:
-            results = []
-            for job in jobs:
-                results.append(fuse_case(*job))
-                bar.update()
-            return results
-        results = [None] * len(jobs)
-        spawn = multiprocessing.get_context('spawn')  # as nnU-Net's pools: no fork of a process that ran torch
-        with ProcessPoolExecutor(max_workers=min(num_processes, len(jobs)), mp_context=spawn) as pool:
-            futures = {pool.submit(fuse_case, *job): i for i, job in enumerate(jobs)}
-            try:
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-        return results
-    finally:
-        bar.close()
-
-
 def _prepare_output(output_folder: str) -> str:
     """A hidden temporary folder beside ``output_folder`` (refused if that exists and is not empty)."""
     output_folder = os.path.abspath(output_folder)
@@ -376,7 +347,7 @@ def fuse_view_folders(input_folders: Sequence[str], output_folder: str, method: 
         jobs = [(case, [v.cases[case] for v in views], [v.npz(case) for v in views] if use_probabilities else None,
                  reader_writer_class, rule, os.path.join(temporary, case + ending))
                 for case in sorted(first.cases)]
-        per_case = _run(jobs, num_processes, progress)
+        per_case = run_cases(fuse_case, jobs, num_processes, 'fuse views', progress)
         for name in ('dataset.json', 'plans.json'):
             shutil.copy(os.path.join(first.folder, name), os.path.join(temporary, name))
         summary = {

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.losses.boundary import BoundaryLoss
-from nnunet_ext.losses.schedules import TermWeights
+from nnunet_ext.losses.schedules import TermWeights, check_epochs_per_step
 from nnunet_ext.nn.point_attention import gather_points
 
 __all__ = ["MLNTermWeights", "MLNSchedule", "SignedDistanceRegressionLoss", "PointCrossEntropyLoss", "MLNLoss",
@@ -65,8 +65,7 @@ class MLNSchedule:
     epochs_per_step: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.epochs_per_step, int) or self.epochs_per_step < 1:
-            raise ValueError(f"epochs_per_step must be a positive int, got {self.epochs_per_step!r}")
+        check_epochs_per_step(self.epochs_per_step)
 
     def __call__(self, epoch: int) -> MLNTermWeights:
         if epoch < 0:

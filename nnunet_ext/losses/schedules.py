@@ -20,7 +20,7 @@ class TermWeights:
     point: float
 
 
-def _check_step(epochs_per_step: int) -> None:
+def check_epochs_per_step(epochs_per_step: int) -> None:
     if not isinstance(epochs_per_step, int) or epochs_per_step < 1:
         raise ValueError(f"epochs_per_step must be a positive int, got {epochs_per_step!r}")
 
@@ -45,7 +45,7 @@ class PaperSchedule:
     epochs_per_step: int = 1
 
     def __post_init__(self):
-        _check_step(self.epochs_per_step)
+        check_epochs_per_step(self.epochs_per_step)
 
     def __call__(self, epoch: int) -> TermWeights:
         _check_epoch(epoch)
@@ -68,7 +68,7 @@ class KervadecRebalanceSchedule:
     epochs_per_step: int = 1
 
     def __post_init__(self):
-        _check_step(self.epochs_per_step)
+        check_epochs_per_step(self.epochs_per_step)
         if not 0 <= self.minimum <= self.initial <= 1:
             raise ValueError(f"need 0 <= minimum <= initial <= 1, got minimum={self.minimum}, initial={self.initial}")
 
