@@ -44,15 +44,14 @@ by the trainer. The full-resolution encoder stage must have stride 1 (nnU-Net's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-from nnunet_ext.architectures.skip_decoder import replace_decoder
+from nnunet_ext.architectures.skip_decoder import SkipTransformingUNetDecoder, replace_decoder
 from nnunet_ext.nn.point_attention import (PointAttentionBranch, num_pixel_points, scatter_points,
                                            select_uncertain_voxels, voxel_centres)
 from nnunet_ext.nn.saliency_fusion import SaliencyGuidanceFusion
@@ -92,24 +91,9 @@ class MLNOutput:
         return voxel_centres(self.point_indices, self.fused.shape[2:])
 
 
-class MLNUNetDecoder(UNetDecoder):
-    """nnU-Net's ``UNetDecoder`` that also returns the features of its last (full-resolution) stage."""
-
-    def forward_with_features(self, skips: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """``(logits, features)``: logits as ``UNetDecoder.forward`` computes them, always as a list
-        (every scale, highest resolution first, with deep supervision; the last head's only without),
-        and the last stage's output before its segmentation head."""
-        lres_input = skips[-1]
-        seg_outputs = []
-        for s in range(len(self.stages)):
-            x = torch.cat((self.transpconvs[s](lres_input), skips[-(s + 2)]), 1)
-            x = self.stages[s](x)
-            if self.deep_supervision:
-                seg_outputs.append(self.seg_layers[s](x))
-            elif s == len(self.stages) - 1:
-                seg_outputs.append(self.seg_layers[-1](x))
-            lres_input = x
-        return seg_outputs[::-1], lres_input
+class MLNUNetDecoder(SkipTransformingUNetDecoder):
+    """nnU-Net's ``UNetDecoder`` (skips unchanged) whose ``forward_with_features`` also returns the
+    features of its last (full-resolution) stage, read by the boundary head and the fusion."""
 
 
 class _MLNBranches:

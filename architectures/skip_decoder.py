@@ -10,7 +10,7 @@ nnU-Net's.
 from __future__ import annotations
 
 import inspect
-from typing import List
+from typing import List, Tuple
 
 import torch
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
@@ -30,7 +30,9 @@ class SkipTransformingUNetDecoder(UNetDecoder):
     def transform_skip(self, s: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return skip
 
-    def forward(self, skips: List[torch.Tensor]):
+    def forward_with_features(self, skips: List[torch.Tensor]) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """``(logits, features)``: the logits as a list (every scale, highest resolution first, with deep
+        supervision; the last head's only without) and the last stage's output before its head."""
         lres_input = skips[-1]
         seg_outputs = []
         for s in range(len(self.stages)):
@@ -42,7 +44,10 @@ class SkipTransformingUNetDecoder(UNetDecoder):
             elif s == len(self.stages) - 1:
                 seg_outputs.append(self.seg_layers[-1](x))
             lres_input = x
-        seg_outputs = seg_outputs[::-1]  # highest resolution first
+        return seg_outputs[::-1], lres_input  # highest resolution first
+
+    def forward(self, skips: List[torch.Tensor]):
+        seg_outputs, _ = self.forward_with_features(skips)
         return seg_outputs if self.deep_supervision else seg_outputs[0]
 
     def widen_stage_input(self, s: int, skip_channels: int, nonlin_first: bool = False) -> None:

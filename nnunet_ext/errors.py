@@ -1,6 +1,15 @@
 """Errors that report bad user input. The CLI prints their message (no traceback) and exits 2."""
+from __future__ import annotations
+
+from typing import Iterable
 
 
 class UserInputError(Exception):
     """Something the user gave (a path, an id, a name, an option) cannot be used; the message says why
     and what to do."""
+
+
+def name_some(names: Iterable[str], limit: int = 10) -> str:
+    """The first ``limit`` of ``names`` (sorted) for an error message, and how many more there are."""
+    names = sorted(names)
+    return ', '.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else '')

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ext import __version__
-from nnunet_ext.errors import UserInputError
+from nnunet_ext.errors import UserInputError, name_some
 from nnunet_ext.evaluation.metrics import CONVENTIONS, EvaluatedClass, case_metrics
 from nnunet_ext.evaluation.summary import aggregate, nan_to_none
 from nnunet_ext.parallel import run_cases
@@ -101,28 +101,24 @@ def _infer_file_ending(folder: str) -> str:
     return next(iter(found))
 
 
-def _cases(folder: str, file_ending: str) -> Dict[str, str]:
+def case_files(folder: str, file_ending: str) -> Dict[str, str]:
+    """``{case: path}`` of the files in ``folder`` ending in ``file_ending``."""
     return {name[:-len(file_ending)]: os.path.join(folder, name) for name in sorted(os.listdir(folder))
             if name.endswith(file_ending) and len(name) > len(file_ending)
             and os.path.isfile(os.path.join(folder, name))}
 
 
-def _name_some(names: Sequence[str], limit: int = 10) -> str:
-    names = sorted(names)
-    return ', '.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _match_cases(pred_folder: str, ref_folder: str, file_ending: str) -> List[Tuple[str, str, str]]:
-    preds, refs = _cases(pred_folder, file_ending), _cases(ref_folder, file_ending)
+    preds, refs = case_files(pred_folder, file_ending), case_files(ref_folder, file_ending)
     if not refs:
         raise UserInputError(f"no {file_ending} files in the reference folder {ref_folder}")
     if not preds:
         raise UserInputError(f"no {file_ending} files in the prediction folder {pred_folder}")
     problems = []
     if set(preds) - set(refs):
-        problems.append(f"predictions without a reference in {ref_folder}: {_name_some(set(preds) - set(refs))}")
+        problems.append(f"predictions without a reference in {ref_folder}: {name_some(set(preds) - set(refs))}")
     if set(refs) - set(preds):
-        problems.append(f"references without a prediction in {pred_folder}: {_name_some(set(refs) - set(preds))}")
+        problems.append(f"references without a prediction in {pred_folder}: {name_some(set(refs) - set(preds))}")
     if problems:
         raise UserInputError("cases do not match (by file name, ending " + file_ending + "): " + "; ".join(problems))
     return [(case, preds[case], refs[case]) for case in sorted(refs)]

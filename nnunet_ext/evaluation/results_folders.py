@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from nnunet_ext.errors import UserInputError
+from nnunet_ext.errors import UserInputError, name_some
+from nnunet_ext.evaluation.evaluate import case_files
 
 __all__ = ["CURVE_KEYS", "FoldRun", "trainer_folder", "find_trainers", "read_validation_splits", "inspect_fold",
            "read_training_curves"]
@@ -55,17 +56,6 @@ def read_validation_splits(preprocessed_dataset_folder: str) -> Optional[List[Li
     if not isinstance(splits, list) or not all(isinstance(s, dict) and "val" in s for s in splits):
         raise UserInputError(f"{path} is not nnU-Net's splits file (a list of {{'train': [...], 'val': [...]}})")
     return [sorted(str(case) for case in s["val"]) for s in splits]
-
-
-def _cases(folder: str, file_ending: str) -> Dict[str, str]:
-    return {name[:-len(file_ending)]: os.path.join(folder, name) for name in sorted(os.listdir(folder))
-            if name.endswith(file_ending) and len(name) > len(file_ending)
-            and os.path.isfile(os.path.join(folder, name))}
-
-
-def _some(names: Sequence[str], limit: int = 8) -> str:
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 @dataclass
@@ -110,15 +100,16 @@ class FoldRun:
         if self.has_validation_folder and self.missing_predictions:
             total = len(self.expected) if self.expected is not None else len(self.missing_predictions)
             lines.append(f"{where}: validation predictions missing for {len(self.missing_predictions)} of {total} "
-                         f"validation cases: {_some(self.missing_predictions)}")
+                         f"validation cases: {name_some(self.missing_predictions, 8)}")
         if self.expected is None and self.has_validation_folder:
             lines.append(f"{where}: splits_final.json does not list this fold; evaluated the predictions found "
                          f"without knowing which cases were expected")
         if self.unexpected_predictions:
             lines.append(f"{where}: not evaluated, not validation cases of this fold (splits_final.json): "
-                         f"{_some(self.unexpected_predictions)}")
+                         f"{name_some(self.unexpected_predictions, 8)}")
         if self.without_reference:
-            lines.append(f"{where}: not evaluated, no reference in gt_segmentations: {_some(self.without_reference)}")
+            lines.append(f"{where}: not evaluated, no reference in gt_segmentations: "
+                         f"{name_some(self.without_reference, 8)}")
         if self.checkpoint is None:
             lines.append(f"{where}: no checkpoint ({' / '.join(CHECKPOINTS)}): no training curves")
         elif self.checkpoint_name != CHECKPOINTS[0]:
@@ -142,7 +133,7 @@ def inspect_fold(folder: str, trainer: str, fold: int, expected: Optional[Sequen
                            if os.path.isfile(os.path.join(folder, name))), None)
     validation = os.path.join(folder, "validation")
     run.has_validation_folder = os.path.isdir(validation)
-    found = _cases(validation, file_ending) if run.has_validation_folder else {}
+    found = case_files(validation, file_ending) if run.has_validation_folder else {}
     wanted = set(found) if expected is None else set(expected)
     run.unexpected_predictions = tuple(sorted(set(found) - wanted))
     run.missing_predictions = tuple(sorted(wanted - set(found)))

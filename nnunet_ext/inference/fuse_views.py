@@ -49,7 +49,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ext import __version__
-from nnunet_ext.errors import UserInputError
+from nnunet_ext.errors import UserInputError, name_some
+from nnunet_ext.evaluation.evaluate import case_files
 from nnunet_ext.parallel import run_cases
 
 __all__ = ['METHODS', 'TIE_BREAKS', 'VIEW_AXES', 'FusionRule', 'ViewFolder', 'check_views', 'fuse_case',
@@ -158,16 +159,10 @@ def read_view_folder(folder: str) -> ViewFolder:
         if key not in content:
             raise UserInputError(f"{os.path.join(folder, source)} has no {key!r} entry")
     ending = dataset_json['file_ending']
-    cases = {name[:-len(ending)]: os.path.join(folder, name) for name in sorted(os.listdir(folder))
-             if name.endswith(ending) and len(name) > len(ending)}
+    cases = case_files(folder, ending)
     if not cases:
         raise UserInputError(f"{folder} holds no segmentations ({ending} files)")
     return ViewFolder(folder, plans, dataset_json, cases)
-
-
-def _name_some(names, limit: int = 10) -> str:
-    names = sorted(names)
-    return ', '.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else '')
 
 
 def check_views(views: Sequence[ViewFolder]) -> None:
@@ -197,8 +192,8 @@ def check_views(views: Sequence[ViewFolder]) -> None:
     for other in views[1:]:
         missing, extra = set(first.cases) - set(other.cases), set(other.cases) - set(first.cases)
         if missing or extra:
-            problems = ([f"missing in {other.folder}: {_name_some(missing)}"] if missing else []) + \
-                       ([f"missing in {first.folder}: {_name_some(extra)}"] if extra else [])
+            problems = ([f"missing in {other.folder}: {name_some(missing)}"] if missing else []) + \
+                       ([f"missing in {first.folder}: {name_some(extra)}"] if extra else [])
             raise UserInputError("the views do not hold the same cases: " + '; '.join(problems))
 
 
@@ -207,7 +202,7 @@ def _require_probabilities(views: Sequence[ViewFolder], reason: str) -> None:
         missing = [case for case in view.cases if not os.path.isfile(view.npz(case))]
         if missing:
             raise UserInputError(f"{reason} needs the probabilities (.npz) of every case; {view.folder} lacks them for "
-                                 f"{_name_some(missing)} (predict with nnUNetv2_predict --save_probabilities, or "
+                                 f"{name_some(missing)} (predict with nnUNetv2_predict --save_probabilities, or "
                                  f"use --method vote --tie_break lowest, which reads the segmentations only)")
 
 
