@@ -23,6 +23,11 @@ keywords (any number of stages, 2D/3D, anisotropic kernels and strides); its sta
   row (Fig. 5: the gates sit on the skip path between consecutive nodes). So there is one gate per
   node, named after the node that first consumes it. ``F_int`` of row ``i``: ``attention_channels[i]``,
   by default ``f_0`` for row 0 and ``f_i // 2`` below (the paper: 32/32/64/128 for 32/64/128/256).
+  W_x and W_g are followed by the plans' ``norm_op``; the one-channel psi branch by the same norm only if
+  it is a BatchNorm (the paper's, as in ``paper_preset``) and by none otherwise: a per-image norm
+  (nnU-Net's InstanceNorm) of one channel would standardise the attention logits of every image, and
+  the gate could not close on an image without the organ (``gate_psi_norm``,
+  ``nnunet_ext.nn.attention_gate``).
 * Heads (Section 3.4, Fig. 6): a 1x1 convolution with bias on each of ``X_{0,1} .. X_{0,L}``, all at full
   resolution. The forward returns raw logits (nnU-Net applies softmax/sigmoid itself).
 
@@ -61,7 +66,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.dropout import _DropoutNd
 
-from nnunet_ext.nn.attention_gate import AttentionGate
+from nnunet_ext.nn.attention_gate import AttentionGate, psi_norm_op
 
 PRUNE_LEVEL_ENV = 'NNUNET_EXT_ANUNET_PRUNE_LEVEL'
 
@@ -92,7 +97,7 @@ class NestedDecoder(nn.Module):
 
     def __init__(self, encoder: PlainConvEncoder, num_classes: int, n_conv_per_row: Sequence[int],
                  deep_supervision: bool, attention: bool, attention_channels: Sequence[int],
-                 upsampling_norm: bool = False, nonlin_first: bool = False):
+                 upsampling_norm: bool = False, nonlin_first: bool = False, gate_psi_norm: str = 'auto'):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.attention = attention
@@ -119,7 +124,7 @@ class NestedDecoder(nn.Module):
                 encoder.nonlin, encoder.nonlin_kwargs, nonlin_first)
             if attention:
                 self.gates[_node(i, j)] = AttentionGate(f[i], f[i], attention_channels[i], conv_op, encoder.norm_op,
-                                                        encoder.norm_op_kwargs, encoder.conv_bias)
+                                                        encoder.norm_op_kwargs, encoder.conv_bias, gate_psi_norm)
         self.heads = nn.ModuleList([conv_op(f[0], num_classes, 1, 1, 0, bias=True) for _ in range(self.max_level)])
         self.num_classes = num_classes
         self.output_channels = f
@@ -173,6 +178,8 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
         attention_channels: ``F_int`` per row (``n_stages - 1`` entries); default ``f_0`` for row 0,
             ``f_i // 2`` below.
         upsampling_norm: follow each up-sampling transposed conv by ``norm_op`` and ``nonlin``.
+        gate_psi_norm: norm of the gates' one-channel psi branch: ``'auto'`` (default: ``norm_op`` if it is
+            a BatchNorm, as in the paper, else none), ``'norm_op'`` or ``'none'``.
         max_level: build only levels ``1..max_level`` (default ``n_stages - 1``, all); the network of
             a pruned export.
         prune_level: active level at construction (default: ``NNUNET_EXT_ANUNET_PRUNE_LEVEL`` if set,
@@ -189,7 +196,7 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
                  nonlin: Union[None, Type[nn.Module]] = None, nonlin_kwargs: dict = None,
                  deep_supervision: bool = False, nonlin_first: bool = False, pool: str = 'conv',
                  attention_channels: Optional[Sequence[int]] = None, upsampling_norm: bool = False,
-                 max_level: Optional[int] = None, prune_level: Optional[int] = None):
+                 max_level: Optional[int] = None, prune_level: Optional[int] = None, gate_psi_norm: str = 'auto'):
         super().__init__()
         self.init_kwargs = dict(
             input_channels=input_channels, n_stages=n_stages, features_per_stage=features_per_stage, conv_op=conv_op,
@@ -198,7 +205,7 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
             norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op, dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin,
             nonlin_kwargs=nonlin_kwargs, deep_supervision=deep_supervision, nonlin_first=nonlin_first, pool=pool,
             attention_channels=attention_channels, upsampling_norm=upsampling_norm, max_level=max_level,
-            prune_level=prune_level)
+            prune_level=prune_level, gate_psi_norm=gate_psi_norm)
         name = type(self).__name__
         if n_stages < 2:
             raise ValueError(f"{name} needs at least 2 stages (one level of nested decoder), got n_stages={n_stages}")
@@ -228,6 +235,8 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
             raise ValueError(f"{name}: attention_channels (F_int) needs one entry per row, n_stages - 1 = "
                              f"{num_levels}, got {attention_channels}")
 
+        psi_norm_op(norm_op, gate_psi_norm)  # refuses an unknown value, also for UNet++ (no gates)
+
         self.key_to_encoder = "encoder.stages"
         self.key_to_stem = "encoder.stages.0"
         self.keys_to_in_proj = ("encoder.stages.0.0.convs.0.all_modules.0", "encoder.stages.0.0.convs.0.conv")
@@ -238,7 +247,7 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
                                         pool=pool)
         self.decoder = NestedDecoder(self.encoder, num_classes, n_conv_per_row[:max_level], deep_supervision,
                                      self.use_attention, attention_channels[:max_level], upsampling_norm,
-                                     nonlin_first)
+                                     nonlin_first, gate_psi_norm)
         self.num_levels = num_levels
         self.max_level = max_level
         self._prune_level = max_level

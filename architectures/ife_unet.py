@@ -12,6 +12,7 @@ deep-supervision contract. Extra keywords: ``ife_score`` ('curvature' or 'entrop
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -49,13 +50,17 @@ class IFEUNetDecoder(SkipTransformingUNetDecoder):
             ife = InstructiveFeatureEnhancement(SCORES[ife_score](), r, channels=encoder.output_channels[st])
             self.enhancers[str(st)] = ife
             self.widen_stage_input(self.decoder_stage(st), ife.out_channels, nonlin_first)
+        # per decoder stage, the key of its skip's enhancer (None: plain skip), fixed here so that
+        # forward builds no strings (one graph under torch.compile)
+        keys = [str(self.encoder_stage(s)) for s in range(len(self.stages))]
+        self._enhancer_keys = tuple(key if key in self.enhancers else None for key in keys)
 
     def decoder_stage(self, encoder_stage: int) -> int:
         return len(self.encoder.output_channels) - 2 - encoder_stage
 
     def transform_skip(self, s: int, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        key = str(self.encoder_stage(s))
-        return self.enhancers[key](skip) if key in self.enhancers else skip
+        key = self._enhancer_keys[s]
+        return skip if key is None else self.enhancers[key](skip)
 
     def compute_conv_feature_map_size(self, input_size):
         """nnU-Net's estimate plus the selected channels concatenated to each enhanced skip."""
@@ -65,7 +70,7 @@ class IFEUNetDecoder(SkipTransformingUNetDecoder):
             size = [i // j for i, j in zip(size, stride)]
             if str(st) in self.enhancers:
                 ife = self.enhancers[str(st)]
-                total += ife.selected_channels(ife.channels) * int(torch.tensor(size).prod())
+                total += ife.selected_channels(ife.channels) * math.prod(size)
         return total
 
 

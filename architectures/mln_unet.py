@@ -141,14 +141,23 @@ class _MLNBranches:
         return MLNOutput(region, self.distance_head(boundary_features), point_logits, indices, fused)
 
     def compute_conv_feature_map_size(self, input_size):
-        """The U-Net's estimate plus the full-resolution maps of the heads: boundary block features
-        (conv + norm + nonlinearity), distance maps, pixel feature map, the two weight maps, two
-        saliency maps, the concatenation, hidden features (conv + nonlinearity) and fused logits."""
+        """nnU-Net's estimate of the U-Net plus what the heads keep for backward, in nnU-Net's unit (its
+        proxy counts one map per conv-norm-nonlinearity block, which keeps two: so half the elements).
+
+        Kept at full resolution (``C`` channels, ``V`` voxels): the boundary block (nnU-Net's count of
+        it), and in the fusion ``S = F_b + F_p``, the two sigmoid weight maps, the two saliency maps, the
+        scattered pixel map ``F_p``, the concatenation (``2C``) and the hidden features: ``9 C V``
+        elements. The outputs (distance maps, fused logits) are counted as nnU-Net counts its heads'
+        logits. The point branch keeps about ``12 C N`` elements for ``N`` points (its tokens through
+        embedding, attention, MLPs; PyTorch's fused attention keeps no ``N x N`` weights). The encoder's
+        full-resolution features that the points are read from are kept by the U-Net already."""
         channels, num_classes = self.encoder.output_channels[0], self.decoder.num_classes
         voxels = int(np.prod(input_size, dtype=np.int64))
-        heads = voxels * (3 * channels + (num_classes - 1) + channels + 2 * channels + 2 * channels
-                          + 2 * channels + 2 * channels + num_classes)
-        return super().compute_conv_feature_map_size(input_size) + heads
+        points = num_pixel_points(input_size, self.mln_num_points, self.mln_point_fraction, self.mln_max_points)
+        kept = 9 * channels * voxels + 12 * channels * points
+        return (super().compute_conv_feature_map_size(input_size)
+                + self.boundary_branch.compute_conv_feature_map_size(input_size)
+                + kept // 2 + voxels * ((num_classes - 1) + num_classes))
 
 
 class MLNPlainConvUNet(_MLNBranches, PlainConvUNet):

@@ -79,6 +79,17 @@ def _voxels(channels: int, size: Sequence[int]) -> np.int64:
     return np.prod([channels, *size], dtype=np.int64)
 
 
+def _kept(elements) -> np.int64:
+    """Elements kept for backward -> nnU-Net's unit of ``compute_conv_feature_map_size``.
+
+    nnU-Net's proxy (dynamic-network-architectures' ``ConvDropoutNormReLU``) counts one map per
+    conv-norm-nonlinearity block, which keeps two for backward (the convolution's output, read by the
+    norm, and the in-place activated output, read by the next convolution); its planner's reference
+    values are calibrated on that proxy. Our estimates count what a module really keeps and halve it,
+    so that they compare with nnU-Net's U-Net's on the planner's scale."""
+    return np.int64(elements) // 2
+
+
 class PreActResidualUnit(nn.Module):
     """``x -> h(x) + F(x)``, full pre-activation (see the module docstring for ``F`` and ``h``).
 
@@ -119,11 +130,14 @@ class PreActResidualUnit(nn.Module):
         return out + self.shortcut(x)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Elements of the tensors the unit stores (batch 1): the pre-activated input (not for the stem),
-        conv1, its pre-activation, conv2, the projection shortcut (if any) and the sum."""
+        """What the unit keeps for backward (batch 1), in nnU-Net's unit (:func:`_kept`): its input ``x``
+        (kept by ``norm1`` and the shortcut), ``nonlin1(norm1(x))`` (in place; kept by ``conv1``), the
+        output of ``conv1`` (kept by ``norm2``) and ``nonlin2(norm2(.))`` (kept by ``conv2``). The stem
+        keeps only ``x`` (kept by ``conv1``) besides the last two. The output of ``conv2``, the shortcut and
+        the sum are not kept by the unit (the sum is the next unit's input, counted there)."""
         out_size = [i // s for i, s in zip(input_size, self.stride)]
-        total = np.int64(0) if self.stem else _voxels(self.input_channels, input_size)
-        return total + _voxels(self.output_channels, out_size) * (4 + int(self.projects))
+        inputs = 1 if self.stem else 2
+        return _kept(inputs * _voxels(self.input_channels, input_size) + 2 * _voxels(self.output_channels, out_size))
 
 
 class PreActResUNetEncoder(nn.Module):
@@ -234,14 +248,16 @@ class PreActResUNetDecoder(nn.Module):
         return sizes[-2::-1]
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Per stage: the up-sampled feature, the concatenation, the units and the head(s) in use."""
+        """Per stage, in nnU-Net's unit (:func:`_kept`): the units (the first one's input is the
+        concatenation; the up-sampled feature is copied into it and not kept) and, for each head in use,
+        its input (the stage's output, kept by the 1x1 convolution) and its logits (counted as nnU-Net's
+        decoder counts its heads' logits)."""
         total = np.int64(0)
         for s, size in enumerate(self.skip_sizes(input_size)):
-            total += _voxels(self.up_channels[s], size) + _voxels(self.up_channels[s] + self.skip_channels[s], size)
             for unit in self.stages[s]:
                 total += unit.compute_conv_feature_map_size(size)
             if self.deep_supervision or s == len(self.stages) - 1:
-                total += _voxels(self.num_classes, size)
+                total += _kept(_voxels(self.skip_channels[s], size)) + _voxels(self.num_classes, size)
         return total
 
 
@@ -276,7 +292,9 @@ class PreActResUNet(nn.Module):
         return self.decoder(self.encoder(x))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """nnU-Net's VRAM proxy (planners call it): elements of the stored feature maps for one sample."""
+        """nnU-Net's VRAM proxy (planners call it): the feature maps kept for backward for one sample, in
+        nnU-Net's unit (half the elements, see :func:`_kept`): comparable with ``PlainConvUNet``'s estimate
+        and the planner's reference values."""
         if len(input_size) != len(self.encoder.strides[0]):
             raise ValueError(f"give the spatial size only ({len(self.encoder.strides[0])} axes), got {input_size}")
         return self.encoder.compute_conv_feature_map_size(input_size) + \

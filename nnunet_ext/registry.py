@@ -34,9 +34,11 @@ def trainer_classes() -> Dict[str, type]:
 
 
 def planner_classes() -> Dict[str, type]:
-    """``{name: class}`` of every experiment planner in ``nnunet_ext.plans``."""
+    """``{name: class}`` of every experiment planner in ``nnunet_ext.plans`` (private base classes, whose
+    names start with ``_``, left out)."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    return _classes_defined_in('nnunet_ext.plans', ExperimentPlanner)
+    return {name: cls for name, cls in _classes_defined_in('nnunet_ext.plans', ExperimentPlanner).items()
+            if not name.startswith('_')}
 
 
 def describe(classes: Dict[str, type]) -> List[Tuple[str, str]]:

@@ -1,13 +1,10 @@
 """Planner for the nested U-Nets (ANU-Net, UNet++)."""
-from typing import List, Tuple, Union
-
-from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-
 from nnunet_ext.architectures.anunet import ANUNet
+from nnunet_ext.plans.network_planners import _NetworkPlanner
 
 
-class ANUNetPlanner(ExperimentPlanner):
-    """nnU-Net's default planner whose memory estimate counts ANU-Net's nested decoder and gates.
+class ANUNetPlanner(_NetworkPlanner):
+    """Plans for the ANU-Net and UNet++ trainers (nnUNetPlansANUNet), sized for ANUNet's nested decoder and gates.
 
     nnU-Net sizes patch and batch by the network's ``compute_conv_feature_map_size`` against its
     reference value for the GPU memory target; with ``ANUNet`` as the planned class, the nested rows
@@ -18,10 +15,6 @@ class ANUNetPlanner(ExperimentPlanner):
     a little less memory than planned, it has no gates). Run it with ``nnunet-ext plan ID -pl ANUNetPlanner``.
     """
 
-    def __init__(self, dataset_name_or_id: Union[str, int], gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = 'DefaultPreprocessor', plans_name: str = 'nnUNetPlansANUNet',
-                 overwrite_target_spacing: Union[List[float], Tuple[float, ...]] = None,
-                 suppress_transpose: bool = False):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
-                         overwrite_target_spacing, suppress_transpose)
-        self.UNet_class = ANUNet
+    planned_network = ANUNet
+    default_plans_name = 'nnUNetPlansANUNet'
+    writes_planned_network = True

@@ -56,6 +56,30 @@ def test_unet_plus_plus_preset_is_anunet_without_its_gates():
     assert len(UNetPlusPlus.paper_preset(4).decoder.gates) == 0
 
 
+# ---------------------------------------------------------------------------------------------------- gate norm
+def test_gate_psi_branch_takes_no_per_image_norm_on_nnunet_plans():
+    """nnU-Net's plans (InstanceNorm): W_x and W_g normalised as the plans say, the one-channel psi branch
+    without norm; the paper preset (BatchNorm): BatchNorm on psi as Eq. 2. The parameter set does not depend
+    on deep supervision (strict reload) and survives a pruned copy."""
+    kwargs = nnunet_kwargs(2)
+    net = ANUNet(**kwargs)
+    for gate in net.decoder.gates.values():
+        assert [type(m) for m in gate.psi] == [nn.Conv2d]
+        assert type(gate.W_x[1]) is nn.InstanceNorm2d and type(gate.W_g[1]) is nn.InstanceNorm2d
+    assert not any(k.startswith('decoder.gates.') and '.psi.1.' in k for k in net.state_dict())
+    inference = ANUNet(**{**kwargs, 'deep_supervision': False})
+    inference.load_state_dict(net.state_dict(), strict=True)
+    assert [type(m) for m in net.pruned_copy(2).decoder.gates['0_2'].psi] == [nn.Conv2d]
+    paper = ANUNet.paper_preset(2)
+    assert all(type(g.psi[1]) is nn.BatchNorm2d for g in paper.decoder.gates.values())
+    forced = ANUNet(**kwargs, gate_psi_norm='norm_op')  # the former layout, kept for ablations
+    assert all(type(g.psi[1]) is nn.InstanceNorm2d for g in forced.decoder.gates.values())
+    assert [type(m) for m in forced.pruned_copy(1).decoder.gates['0_1'].psi] == [nn.Conv2d, nn.InstanceNorm2d]
+    for cls in (ANUNet, UNetPlusPlus):
+        with pytest.raises(ValueError, match='psi_norm'):
+            cls(**kwargs, gate_psi_norm='batch')
+
+
 # ---------------------------------------------------------------------------------------------------- Eq. 4
 @pytest.mark.parametrize('cls', [ANUNet, UNetPlusPlus])
 def test_level_2_output_is_eq_4_written_out(cls):

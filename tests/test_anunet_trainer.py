@@ -77,6 +77,36 @@ def test_hybrid_loss_is_the_mean_of_eq_8_over_the_heads(planned, variant):
         torch.testing.assert_close(g, reference)
 
 
+def test_hybrid_loss_settings_come_from_the_plans_and_class_attributes(planned):
+    trainer = make_trainer(nnUNetTrainerANUNet, planned, 'labels')
+    hybrid = trainer._build_output_loss().hybrid
+    assert hybrid.batch_dice == trainer.configuration_manager.batch_dice
+    assert hybrid.ddp == trainer.is_ddp  # global batch Dice under DDP, as nnU-Net's own Dice
+    assert hybrid.bce_normalization == 'weights' and not hybrid.check_values
+
+    class Literal(nnUNetTrainerANUNet):
+        hybrid_bce_normalization = 'voxels'
+
+    literal = make_trainer(Literal, planned, 'labels')
+    outputs, targets = batch(literal, batch_size=2)
+    outputs = [torch.zeros_like(o, requires_grad=True) for o in outputs]  # every voxel at Y = 1/3
+    ratio = literal._build_loss()(outputs, targets).item() / trainer._build_loss()(outputs, targets).item()
+    assert ratio > 5  # Eq. 8's voxel mean carries |1/3 - 1/2|^-2 = 36 on its BCE term
+
+
+@pytest.mark.parametrize('variant', sorted(DATASET_JSON_VARIANTS))
+def test_anunet_trainer_losses_read_no_tensor_on_the_host(planned, variant, monkeypatch):
+    from test_anunet_godc_gpu_readiness import no_host_reads
+    for cls in (nnUNetTrainerANUNet, nnUNetTrainerUNetPlusPlus):
+        trainer = make_trainer(cls, planned, variant)
+        outputs, targets = batch(trainer, batch_size=2)
+        loss = trainer._build_loss()
+        with no_host_reads(monkeypatch):
+            value = loss(outputs, targets)
+            grads = torch.autograd.grad(value, outputs)
+        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_godc_and_dice_ce_variants_weight_nnunets_per_output_losses_equally(planned):
     trainer = make_trainer(nnUNetTrainerANUNetGODC, planned, 'ignore_label')
     godc = make_trainer(nnUNetTrainerGODC, planned, 'ignore_label')

@@ -81,3 +81,94 @@ def test_gate_refuses_mismatched_inputs():
         gate(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8))
     with pytest.raises(ValueError, match='positive'):
         AttentionGate(3, 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------------- psi norm
+def test_psi_branch_norm_follows_the_paper_only_for_batch_norm():
+    bn = AttentionGate(3, 2, 4, nn.Conv2d, nn.BatchNorm2d)
+    assert [type(m) for m in bn.psi] == [nn.Conv2d, nn.BatchNorm2d]  # the paper's BN(psi(...)), Eq. 2
+    sync = AttentionGate(3, 2, 4, nn.Conv3d, nn.SyncBatchNorm)  # what nnU-Net's DDP conversion makes of it
+    assert isinstance(sync.psi[1], nn.SyncBatchNorm)
+    for conv, norm in ((nn.Conv2d, nn.InstanceNorm2d), (nn.Conv3d, nn.InstanceNorm3d)):  # nnU-Net's plans
+        gate = AttentionGate(3, 2, 4, conv, norm, {'eps': 1e-5, 'affine': True})
+        assert [type(m) for m in gate.psi] == [conv]  # no per-image norm of the one-channel logits
+        assert [type(m) for m in gate.W_x] == [conv, norm] and [type(m) for m in gate.W_g] == [conv, norm]
+    forced = AttentionGate(3, 2, 4, nn.Conv2d, nn.InstanceNorm2d, {'affine': True}, psi_norm='norm_op')
+    assert [type(m) for m in forced.psi] == [nn.Conv2d, nn.InstanceNorm2d]
+    assert [type(m) for m in AttentionGate(3, 2, 4, nn.Conv2d, nn.BatchNorm2d, psi_norm='none').psi] == [nn.Conv2d]
+    with pytest.raises(ValueError, match='psi_norm'):
+        AttentionGate(3, 2, 4, nn.Conv2d, nn.BatchNorm2d, psi_norm='instance')
+
+
+def _organ_inputs(seed, size=16):
+    """Image 0 holds an "organ" (a 6x7 block), image 1 none. ``g``'s channel 0 is an organ detector (3 on
+    the organ, ~0 elsewhere: 1e-4 noise); every other channel of ``g`` and all of ``x`` are N(0, 1) noise
+    in both images, so the gate's inputs are not constant in the empty image."""
+    gen = torch.Generator().manual_seed(seed)
+    organ = torch.zeros(2, 1, size, size)
+    organ[0, 0, 4:10, 5:12] = 1
+    x = torch.randn(2, 4, size, size, generator=gen)
+    g = torch.randn(2, 4, size, size, generator=gen)
+    g[:, 0] = 3 * organ[:, 0] + 1e-4 * torch.randn(2, size, size, generator=gen)
+    return x, g, organ
+
+
+def _instance_norm_gate(psi_norm='auto'):
+    return AttentionGate(4, 4, 4, nn.Conv2d, nn.InstanceNorm2d, {'eps': 1e-5, 'affine': True}, psi_norm=psi_norm)
+
+
+def test_gate_on_instance_norm_plans_can_close_on_an_image_without_foreground():
+    """Weights set by hand: W_g picks the detector channel, W_x passes x's noise (scaled by 0.02 after its
+    InstanceNorm), psi = 10 F_0 - 10. In one forward the empty image gets alpha < 1e-3 at every voxel
+    while the organ gets alpha > 0.99: the gate says "nothing here" for one image only."""
+    gate = _instance_norm_gate()
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.zero_()
+        gate.W_x[0].weight[0, 0] = 1.0
+        gate.W_x[1].weight[0], gate.W_x[1].bias[0] = 0.02, 0.2
+        gate.W_g[0].weight[0, 0] = 1.0
+        gate.W_g[1].weight[0] = 1.0
+        gate.psi[0].weight[0, 0], gate.psi[0].bias[0] = 10.0, -10.0
+        x, g, organ = _organ_inputs(0)
+        alpha = gate.attention(x, g)
+        assert alpha[1].max() < 1e-3
+        assert alpha[0][organ[0] > 0].min() > 0.99 and alpha[0][organ[0] == 0].max() < 1e-3
+        assert gate.logits(x, g)[1].std() > 0  # the empty image's logits are not constant: no trick of IN(const)
+
+
+def test_gate_trained_on_instance_norm_plans_learns_to_close_on_empty_images():
+    """A few Adam steps from nnU-Net's initialisation on fresh draws of the inputs above, alpha trained towards
+    the organ mask: on unseen draws alpha stays below 0.01 everywhere in the image without foreground."""
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+    torch.manual_seed(0)
+    gate = _instance_norm_gate()
+    gate.apply(InitWeights_He(1e-2))
+    optimiser = torch.optim.Adam(gate.parameters(), lr=0.05)
+    for step in range(200):
+        x, g, organ = _organ_inputs(step)
+        loss = F.binary_cross_entropy_with_logits(gate.logits(x, g), organ)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        for seed in range(10_000, 10_005):
+            x, g, organ = _organ_inputs(seed)
+            alpha = gate.attention(x, g)
+            assert alpha[1].max() < 0.01
+            assert alpha[0][organ[0] > 0].mean() > 0.8
+
+
+def test_instance_norm_on_psi_standardises_every_images_logits():
+    """Why the psi branch takes no per-image norm: with InstanceNorm there, every image's attention logits have
+    mean beta and standard deviation |gamma| (the norm's affine parameters), whatever the input, so an image
+    without the organ has as many open voxels as one with it."""
+    torch.manual_seed(0)
+    gate = _instance_norm_gate('norm_op')
+    with torch.no_grad():
+        gate.psi[1].weight.fill_(2.5)
+        gate.psi[1].bias.fill_(-1.0)
+        x, g, _ = _organ_inputs(0)
+        logits = gate.logits(x, g).flatten(1)
+    torch.testing.assert_close(logits.mean(1), torch.full((2,), -1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits.std(1, unbiased=False), torch.full((2,), 2.5), atol=1e-2, rtol=0)

@@ -18,7 +18,8 @@ def _script(name, *args):
 
 
 @pytest.mark.parametrize('name, words', [('run_all.py', ['--rounds', '--inference-rounds', '-tr', 'RESULTS.md']),
-                                         ('convergence.py', ['--iterations', '--eval-every', '--dataset'])])
+                                         ('convergence.py', ['--iterations', '--eval-every', '--dataset']),
+                                         ('gpu_readiness.py', ['--stock-train', '--device', '-tr'])])
 def test_help(name, words):
     result = _script(name, '--help')
     assert result.returncode == 0, result.stderr

@@ -70,3 +70,49 @@ def test_without_deep_supervision_the_loss_takes_single_tensors(planned):
     reference.enable_deep_supervision = False
     assert trainer._build_loss()(outputs[0], targets[0]).item() == pytest.approx(
         reference._build_loss()(outputs[0], targets[0]).item() + 1.0, abs=1e-5)
+
+
+def _per_sample_gradient_norms(loss, outputs, targets):
+    grads = torch.autograd.grad(loss(outputs, targets), outputs, allow_unused=True, materialize_grads=True)
+    return [torch.sqrt(sum((g[b] ** 2).sum() for g in grads)).item() for b in range(outputs[0].shape[0])]
+
+
+@pytest.mark.parametrize('variant', sorted(DATASET_JSON_VARIANTS))
+def test_godc_only_pushes_false_positives_down_on_background_only_patches(planned, variant):
+    """nnUNetTrainerGODCOnly (no CE) on a batch whose sample 1 is background only: its gradient is at least
+    1e-3 of sample 0's (measured ~1); with the weights detached everywhere it is ~1e-8."""
+    trainer = make_trainer(nnUNetTrainerGODCOnly, planned, variant)
+    outputs, targets = batch(trainer, batch_size=2)
+    targets = [t.clone() for t in targets]
+    for t in targets:
+        if trainer.label_manager.has_regions:
+            t[1, :2] = 0  # both regions empty; the ignore channel (if any) stays
+        else:
+            t[1][t[1] != 3] = 0  # background, except the ignore label's voxels
+    fg, empty = _per_sample_gradient_norms(trainer._build_loss(), outputs, targets)
+    assert empty >= 1e-3 * fg
+
+    class Detached(nnUNetTrainerGODCOnly):
+        godc_empty_gradient = False
+
+    fg, empty = _per_sample_gradient_norms(make_trainer(Detached, planned, variant)._build_loss(), outputs, targets)
+    assert empty < 1e-5 * fg
+
+
+@pytest.mark.parametrize('variant', sorted(DATASET_JSON_VARIANTS))
+def test_godc_trainer_losses_read_no_tensor_on_the_host(planned, variant, monkeypatch):
+    """The losses the GODC trainers build (deep supervision included) run forward and backward without a
+    host-device synchronisation. Exception, nnU-Net's own: its DC_and_CE_loss reads the number of
+    non-ignored voxels (``num_fg > 0``) when CE is on and there is an ignore label, as for nnUNetTrainer."""
+    from test_anunet_godc_gpu_readiness import no_host_reads
+    classes = [nnUNetTrainerGODCOnly]
+    if variant != 'ignore_label':
+        classes.append(nnUNetTrainerGODC)
+    for cls in classes:
+        trainer = make_trainer(cls, planned, variant)
+        outputs, targets = batch(trainer, batch_size=2)
+        loss = trainer._build_loss()
+        with no_host_reads(monkeypatch):
+            value = loss(outputs, targets)
+            grads = torch.autograd.grad(value, outputs, allow_unused=True, materialize_grads=True)
+        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)

@@ -11,60 +11,79 @@ import torch.nn.functional as F
 from nnunet_ext.losses import HybridLoss
 
 
-def _naive_terms(probs, targets, alpha=0.25, gamma=2.0, margin=0.05, smooth=1.0):
-    """(mean focal-BCE, 1 - Dice) of one channel, from lists of floats."""
-    fbce = [-(alpha * t * math.log(p) + (1 - alpha) * (1 - t) * math.log(1 - p)) / max(abs(p - 0.5), margin) ** gamma
-            for p, t in zip(probs, targets)]
+def _naive_sums(probs, targets, alpha=0.25, gamma=2.0, margin=0.05, smooth=1.0):
+    """(sum of w * bce, sum of w, voxel count, 1 - Dice) of one channel, from lists of floats;
+    w = max(|p - 0.5|, margin)^-gamma."""
+    weights = [max(abs(p - 0.5), margin) ** -gamma for p in probs]
+    bce = [-(alpha * t * math.log(p) + (1 - alpha) * (1 - t) * math.log(1 - p)) for p, t in zip(probs, targets)]
     dice = (2 * sum(p * t for p, t in zip(probs, targets)) + smooth) / (
         sum(p * p for p in probs) + sum(t * t for t in targets) + smooth)
-    return sum(fbce) / len(fbce), 1 - dice
+    return sum(w * b for w, b in zip(weights, bce)), sum(weights), len(probs), 1 - dice
 
 
-def test_binary_case_by_hand():
+def _fbce(sums, normalization='weights'):
+    """The focal-BCE term over several channels/samples' ``_naive_sums``: weighted mean or voxel mean."""
+    numerator = sum(s[0] for s in sums)
+    return numerator / sum(s[1] for s in sums) if normalization == 'weights' else numerator / sum(s[2] for s in sums)
+
+
+def _naive_terms(probs, targets, alpha=0.25, gamma=2.0, margin=0.05, smooth=1.0, normalization='weights'):
+    """(focal-BCE term, 1 - Dice) of one channel."""
+    sums = _naive_sums(probs, targets, alpha, gamma, margin, smooth)
+    return _fbce([sums], normalization), sums[3]
+
+
+def _logits(probs):
+    return torch.tensor([math.log(p / (1 - p)) for p in probs], dtype=torch.float64).view(1, 1, 2, 3)
+
+
+@pytest.mark.parametrize('normalization', ['weights', 'voxels'])
+def test_binary_case_by_hand(normalization):
     probs = [0.9, 0.2, 0.6, 0.05, 0.52, 0.3]
     targets = [1, 0, 1, 0, 1, 1]
-    logits = torch.tensor([math.log(p / (1 - p)) for p in probs], dtype=torch.float64).view(1, 1, 2, 3)
+    logits = _logits(probs)
     y = torch.tensor(targets, dtype=torch.float64).view(1, 1, 2, 3)
-    fbce, dice_loss = _naive_terms(probs, targets)
-    loss = HybridLoss('sigmoid')(logits, y)
+    fbce, dice_loss = _naive_terms(probs, targets, normalization=normalization)
+    loss = HybridLoss('sigmoid', bce_normalization=normalization)(logits, y)
     assert loss.item() == pytest.approx(fbce + dice_loss, rel=1e-9)
-    # two samples: Dice per sample, averaged; BCE averaged over all voxels
+    # two samples: Dice per sample, averaged; focal BCE one (weighted) mean over all voxels
     probs2, targets2 = [0.7, 0.1, 0.4, 0.8, 0.35, 0.6], [0, 0, 1, 1, 0, 1]
-    logits2 = torch.tensor([math.log(p / (1 - p)) for p in probs2], dtype=torch.float64).view(1, 1, 2, 3)
+    logits2 = _logits(probs2)
     y2 = torch.tensor(targets2, dtype=torch.float64).view(1, 1, 2, 3)
-    fbce2, dice_loss2 = _naive_terms(probs2, targets2)
-    loss = HybridLoss('sigmoid', alpha=0.4, gamma=1.5, margin=0.1, smooth=0.5)(torch.cat([logits, logits2]),
-                                                                                torch.cat([y, y2]))
-    a = _naive_terms(probs, targets, 0.4, 1.5, 0.1, 0.5)
-    b = _naive_terms(probs2, targets2, 0.4, 1.5, 0.1, 0.5)
-    assert loss.item() == pytest.approx((a[0] + b[0]) / 2 + (a[1] + b[1]) / 2, rel=1e-9)
+    loss = HybridLoss('sigmoid', alpha=0.4, gamma=1.5, margin=0.1, smooth=0.5, bce_normalization=normalization)(
+        torch.cat([logits, logits2]), torch.cat([y, y2]))
+    a = _naive_sums(probs, targets, 0.4, 1.5, 0.1, 0.5)
+    b = _naive_sums(probs2, targets2, 0.4, 1.5, 0.1, 0.5)
+    assert loss.item() == pytest.approx(_fbce([a, b], normalization) + (a[3] + b[3]) / 2, rel=1e-9)
     # batch Dice: one Dice over both samples
-    loss = HybridLoss('sigmoid', batch_dice=True)(torch.cat([logits, logits2]), torch.cat([y, y2]))
-    fbce_all, dice_all = _naive_terms(probs + probs2, targets + targets2)
+    loss = HybridLoss('sigmoid', batch_dice=True, bce_normalization=normalization)(torch.cat([logits, logits2]),
+                                                                                  torch.cat([y, y2]))
+    fbce_all, dice_all = _naive_terms(probs + probs2, targets + targets2, normalization=normalization)
     assert loss.item() == pytest.approx(fbce_all + dice_all, rel=1e-9)
 
 
-def test_multiclass_softmax_by_hand():
+@pytest.mark.parametrize('normalization', ['weights', 'voxels'])
+def test_multiclass_softmax_by_hand(normalization):
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 4, dtype=torch.float64)
     labels = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]]).view(1, 1, 2, 4)
     flat = logits[0].reshape(3, -1).tolist()
     lab = labels.flatten().tolist()
-    fb, dl = [], []
-    for c in (1, 2):  # foreground classes, one-vs-rest
+    per_class = []
+    for c in (0, 1, 2):  # one-vs-rest
         probs = [math.exp(flat[c][v]) / sum(math.exp(flat[k][v]) for k in range(3)) for v in range(8)]
-        a, b = _naive_terms(probs, [1.0 if l == c else 0.0 for l in lab])
-        fb.append(a), dl.append(b)
-    loss = HybridLoss('softmax')(logits, labels)
-    assert loss.item() == pytest.approx(sum(fb) / 2 + sum(dl) / 2, rel=1e-9)
+        per_class.append(_naive_sums(probs, [1.0 if label == c else 0.0 for label in lab]))
+    fg = per_class[1:]
+    loss = HybridLoss('softmax', bce_normalization=normalization)(logits, labels)
+    assert loss.item() == pytest.approx(_fbce(fg, normalization) + sum(s[3] for s in fg) / 2, rel=1e-9)
     # a one-hot target gives the same
     onehot = F.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).double()
-    assert HybridLoss('softmax')(logits, onehot).item() == pytest.approx(loss.item(), rel=1e-12)
-    # with the background kept: three classes averaged
-    probs0 = [math.exp(flat[0][v]) / sum(math.exp(flat[k][v]) for k in range(3)) for v in range(8)]
-    a, b = _naive_terms(probs0, [1.0 if l == 0 else 0.0 for l in lab])
-    loss_bg = HybridLoss('softmax', do_bg=True)(logits, labels)
-    assert loss_bg.item() == pytest.approx((sum(fb) + a) / 3 + (sum(dl) + b) / 3, rel=1e-9)
+    assert HybridLoss('softmax', bce_normalization=normalization)(logits, onehot).item() == pytest.approx(
+        loss.item(), rel=1e-12)
+    # with the background kept: three classes
+    loss_bg = HybridLoss('softmax', do_bg=True, bce_normalization=normalization)(logits, labels)
+    assert loss_bg.item() == pytest.approx(_fbce(per_class, normalization) + sum(s[3] for s in per_class) / 3,
+                                           rel=1e-9)
 
 
 def test_without_modulation_it_is_balanced_bce_plus_dice():
@@ -81,19 +100,29 @@ def test_predictions_at_and_near_one_half_stay_finite():
         loss = HybridLoss('sigmoid')(x, y)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    # at exactly 0.5 the factor is the clamp's: margin^-gamma
+    # at exactly 0.5 the factor is the clamp's, margin^-gamma: the literal (voxel-mean) term carries it,
+    # the weighted mean divides it out and is the alpha-balanced BCE
     x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    balanced = (0.25 * math.log(2) * 2 + 0.75 * math.log(2) * 2) / 4
+    bce = HybridLoss('sigmoid', weight_dice=0.0, bce_normalization='voxels')(x, y.double())
+    assert bce.item() == pytest.approx(balanced / 0.05 ** 2, rel=1e-12)
     bce = HybridLoss('sigmoid', weight_dice=0.0)(x, y.double())
-    expected = (0.25 * math.log(2) * 2 + 0.75 * math.log(2) * 2) / 4 / 0.05 ** 2
-    assert bce.item() == pytest.approx(expected, rel=1e-12)
+    assert bce.item() == pytest.approx(balanced, rel=1e-12)
     for detach in (True, False):  # finite either way
-        x = torch.zeros(1, 3, 2, 2, requires_grad=True)
-        loss = HybridLoss('softmax', detach_modulation=detach)(x, torch.tensor([[[0, 1], [2, 1]]]))
-        loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+        for normalization in ('weights', 'voxels'):
+            x = torch.zeros(1, 3, 2, 2, requires_grad=True)
+            loss = HybridLoss('softmax', detach_modulation=detach, bce_normalization=normalization)(
+                x, torch.tensor([[[0, 1], [2, 1]]]))
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     # saturated softmax: log(1 - P) stays finite where P rounds to 1
     x = torch.tensor([[[[60.0]], [[0.0]], [[-60.0]]]], requires_grad=True)
     loss = HybridLoss('softmax')(x, torch.tensor([[[[2]]]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    # everything masked: both terms 0, no NaN
+    x = torch.randn(1, 3, 2, 2, requires_grad=True)
+    loss = HybridLoss('softmax')(x, torch.zeros(1, 1, 2, 2), loss_mask=torch.zeros(1, 1, 2, 2))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
@@ -130,14 +159,103 @@ def test_errors_say_what_is_wrong():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match='does not match'):
         HybridLoss()(x, torch.zeros(1, 1, 3, 4))
-    with pytest.raises(ValueError, match='3 classes'):
-        HybridLoss()(x, torch.full((1, 1, 4, 4), 3))
     with pytest.raises(ValueError, match='sigmoid'):
         HybridLoss('softmax')(torch.randn(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match='loss_mask'):
         HybridLoss()(x, torch.zeros(1, 1, 4, 4), loss_mask=torch.ones(1, 3, 4, 4))
+    # label values are read (a host-device sync) only with check_values
+    with pytest.raises(ValueError, match='3 classes'):
+        HybridLoss(check_values=True)(x, torch.full((1, 1, 4, 4), 3))
     with pytest.raises(ValueError, match=r'\{0, 1\}'):
-        HybridLoss('sigmoid')(torch.randn(1, 1, 4, 4), torch.full((1, 1, 4, 4), 2))
-    for kwargs in ({'margin': 0.0}, {'alpha': 1.5}, {'gamma': -1.0}, {'apply_nonlin': 'relu'}, {'smooth': -1.0}):
+        HybridLoss('sigmoid', check_values=True)(torch.randn(1, 1, 4, 4), torch.full((1, 1, 4, 4), 2))
+    with pytest.raises(ValueError, match=r'in \[0, 1\]'):
+        HybridLoss('sigmoid', check_values=True)(torch.randn(1, 2, 4, 4), torch.full((1, 2, 4, 4), 2.0))
+    for kwargs in ({'margin': 0.0}, {'alpha': 1.5}, {'gamma': -1.0}, {'apply_nonlin': 'relu'}, {'smooth': -1.0},
+                   {'bce_normalization': 'mean'}):
         with pytest.raises(ValueError):
             HybridLoss(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- balance
+def _ball_labels(spatial, fraction, batch=2):
+    """Label maps whose foreground is a centred disc/ball covering ``fraction`` of the patch."""
+    labels = torch.zeros(batch, 1, *spatial, dtype=torch.long)
+    if fraction >= 1:
+        labels[:] = 1
+    elif fraction > 0:
+        grids = torch.meshgrid(*[torch.linspace(-1, 1, s) for s in spatial], indexing='ij')
+        r2 = sum(g ** 2 for g in grids)
+        labels[:, 0] = (r2 <= torch.quantile(r2.flatten()[::97], fraction)).long()
+    return labels
+
+
+def _terms(x, labels, gradients=True, **kwargs):
+    """(focal-BCE term, Dice term, norms of their gradients w.r.t. the logits), each term alone."""
+    x = x.detach().requires_grad_(gradients)
+    bce = HybridLoss(weight_dice=0.0, **kwargs)(x, labels)
+    dice = HybridLoss(weight_bce=0.0, **{k: v for k, v in kwargs.items() if k != 'bce_normalization'})(x, labels)
+    if not gradients:
+        return bce.item(), dice.item(), None, None
+    bce_grad, = torch.autograd.grad(bce, x)
+    dice_grad, = torch.autograd.grad(dice, x)
+    return bce.item(), dice.item(), bce_grad.norm().item(), dice_grad.norm().item()
+
+
+@pytest.mark.parametrize('spatial', [(256, 256), (128, 128, 128)], ids=['2d_256', '3d_128'])
+@pytest.mark.parametrize('fraction', [0.0, 0.01, 0.2, 1.0], ids=['empty', '1%', '20%', 'filled'])
+def test_terms_are_balanced_at_initialisation(spatial, fraction):
+    """Two-class softmax logits as a network starts (N(0, sigma^2), sigma 0.1 and 1), per-sample and batch
+    Dice (2D: batch of 2; 3D: one sample): the focal-BCE term is within 10x of the Dice term (measured
+    0.5-0.9x), and so is its gradient where the patch holds foreground (the Dice term has no gradient on an
+    empty patch; measured 0.5-6x). Eq. 8's literal voxel mean is 46-330x the Dice term on the same patches."""
+    batch = 2 if len(spatial) == 2 else 1
+    labels = _ball_labels(spatial, fraction, batch)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(batch, 2, *spatial, generator=gen)
+    for sigma in (0.1, 1.0):
+        for batch_dice in ((False, True) if batch > 1 else (False,)):
+            bce, dice, bce_grad, dice_grad = _terms(sigma * noise, labels, batch_dice=batch_dice)
+            assert 0.1 <= bce / dice <= 10, (sigma, batch_dice, bce, dice)
+            if fraction > 0:
+                assert 0.1 <= bce_grad / dice_grad <= 10, (sigma, batch_dice, bce_grad, dice_grad)
+        literal, dice, _, _ = _terms(sigma * noise, labels, gradients=False, bce_normalization='voxels')
+        assert literal / dice > 40
+
+
+def test_terms_are_balanced_on_an_initialised_anunet_and_for_more_classes():
+    """The logits of an ANU-Net at nnU-Net's initialisation (2D 256^2 patch, every head), and three-class
+    softmax / sigmoid region outputs: every weighted term within 10x of the Dice term."""
+    from nnunet_ext.architectures.anunet import ANUNet
+    from test_anunet_architecture import nnunet_kwargs
+    torch.manual_seed(0)
+    net = ANUNet(**{**nnunet_kwargs(2), 'input_channels': 1, 'num_classes': 2}, prune_level=3)
+    net.apply(net.initialize)
+    labels = torch.cat([_ball_labels((256, 256), 0.0, 1), _ball_labels((256, 256), 0.15, 1)])
+    with torch.no_grad():
+        heads = net(torch.randn(2, 1, 256, 256))
+    for logits in heads:
+        bce, dice, _, _ = _terms(logits, labels)
+        assert 0.1 <= bce / dice <= 10
+    gen = torch.Generator().manual_seed(1)
+    labels3 = torch.randint(0, 3, (2, 1, 64, 64), generator=gen)
+    bce, dice, _, _ = _terms(torch.randn(2, 3, 64, 64, generator=gen), labels3)
+    assert 0.1 <= bce / dice <= 10
+    regions = torch.cat([labels3 >= 1, labels3 == 2], 1).float()
+    bce, dice, _, _ = _terms(torch.randn(2, 2, 64, 64, generator=gen), regions, apply_nonlin='sigmoid')
+    assert 0.1 <= bce / dice <= 10
+
+
+def test_weighted_mean_keeps_eq_8s_relative_weights():
+    """'weights' and 'voxels' differ by one scalar per batch (the mean weight): the per-voxel gradients of the
+    focal-BCE term are proportional, so the relative emphasis on hard voxels is Eq. 8's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 1, 8, 8))
+    grads = []
+    for normalization in ('weights', 'voxels'):
+        z = x.clone().requires_grad_(True)
+        HybridLoss(weight_dice=0.0, bce_normalization=normalization)(z, labels).backward()
+        grads.append(z.grad)
+    p = torch.softmax(x, 1)[:, 1:]
+    mean_weight = (p - 0.5).abs().clamp_min(0.05).pow(-2.0).mean()
+    torch.testing.assert_close(grads[0] * mean_weight, grads[1])

@@ -13,7 +13,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_ext.architectures.mln_unet import MLNOutput, MLNPlainConvUNet
-from nnunet_ext.losses import BoundaryLoss
+from nnunet_ext.losses import BoundaryLoss, signed_distance_map
 from nnunet_ext.losses.mln import (MLN_TERMS, MLNSchedule, MLNTermWeights, PointCrossEntropyLoss,
                                    SignedDistanceRegressionLoss)
 from nnunet_ext.trainers.mln_trainers import nnUNetTrainerMLN
@@ -42,17 +42,54 @@ def test_schedule_is_section_4_1_1():
 def test_distance_regression_loss_by_hand():
     prediction = torch.tensor([[[[2.0, -1.0]]]])  # (B=1, K=1, 1, 2), positive inside
     phi = torch.tensor([[[[-1.0, 3.0]]]])           # inside at voxel 0, outside at voxel 1
-    loss = SignedDistanceRegressionLoss()
+    literal = SignedDistanceRegressionLoss(normalization=None)  # Eq. 12 as written
     boundary = (sigmoid(2) * -1 + sigmoid(-1) * 3) / 2
     squared = ((2 - 1) ** 2 + (-1 + 3) ** 2) / 2
-    assert loss(prediction, phi).item() == pytest.approx(boundary + squared, rel=1e-6)
+    assert literal(prediction, phi).item() == pytest.approx(boundary + squared, rel=1e-6)
     mask = torch.tensor([[[[1.0, 0.0]]]])
-    terms = loss.terms(prediction, phi, mask)
+    terms = literal.terms(prediction, phi, mask)
     assert [t.item() for t in terms] == pytest.approx([-sigmoid(2), 1.0], rel=1e-6)
-    scaled = SignedDistanceRegressionLoss(distance_scale=2.0).terms(prediction, phi)
+    scaled = SignedDistanceRegressionLoss(normalization=None, distance_scale=2.0).terms(prediction, phi)
     assert scaled[1].item() == pytest.approx(((2 - 0.5) ** 2 + (-1 + 1.5) ** 2) / 2)
+    # balanced (default): phi / mean|phi| = (-0.5, 1.5) in both parts of Eq. 12
+    balanced = SignedDistanceRegressionLoss().terms(prediction, phi)
+    assert [t.item() for t in balanced] == pytest.approx(
+        [(sigmoid(2) * -0.5 + sigmoid(-1) * 1.5) / 2, ((2 - 0.5) ** 2 + (-1 + 1.5) ** 2) / 2], rel=1e-5)
+    assert SignedDistanceRegressionLoss('max').terms(prediction, phi)[1].item() == pytest.approx(
+        ((2 - 1 / 3) ** 2 + (-1 + 1) ** 2) / 2, rel=1e-6)
     with pytest.raises(ValueError, match='same shape'):
-        loss(prediction, phi.expand(1, 2, 1, 2))
+        literal(prediction, phi.expand(1, 2, 1, 2))
+    with pytest.raises(ValueError, match='literal form'):
+        SignedDistanceRegressionLoss(distance_scale=2.0)
+
+
+@pytest.mark.parametrize('normalization', ['mean', 'max', None])
+def test_no_regression_target_where_phi_is_undefined(normalization):
+    """B2: a class absent from (or filling) a sample's patch has no signed distance: its head is not trained
+    towards Phi = 0. A correct "far outside" head for an absent class gives an L2 term of 0, and the
+    defined pairs' mean is unchanged by the undefined ones."""
+    loss = SignedDistanceRegressionLoss(normalization)
+    phi = torch.zeros(2, 2, 6, 7)
+    phi[0, 0, :, :3], phi[0, 0, :, 3:] = -1.0, torch.arange(1.0, 5.0)  # class 1 defined in sample 1 only
+    scale = {'mean': phi[0, 0].abs().mean(), 'max': phi[0, 0].abs().max(), None: torch.tensor(1.0)}[normalization]
+    prediction = torch.full((2, 2, 6, 7), -5.0, requires_grad=True)  # "far outside" wherever Phi is undefined
+    with torch.no_grad():
+        prediction[0, 0] = -phi[0, 0] / scale  # exact where defined
+    _, squared = loss.terms(prediction, phi)
+    assert squared.item() == 0
+    grad, = torch.autograd.grad(squared, prediction)
+    assert not grad.any()
+    # a wrong prediction for the defined pair: its mean over its own voxels only (undefined pairs don't count)
+    wrong = prediction.detach().clone()
+    wrong[0, 0] += 2.0
+    mask = torch.ones(2, 1, 6, 7)
+    mask[0, 0, 0] = 0  # ignored voxels do not count either
+    assert loss.terms(wrong, phi)[1].item() == pytest.approx(4.0)
+    assert loss.terms(wrong, phi, mask)[1].item() == pytest.approx(4.0)
+    # nothing defined at all: 0 (no division by zero)
+    assert loss.terms(prediction, torch.zeros_like(phi))[1].item() == 0
+    # filling the patch gives an all-zero map too (signed_distance_map), hence the same treatment
+    assert not signed_distance_map(np.ones((6, 7), bool)).any()
 
 
 def test_point_cross_entropy_by_hand():
@@ -88,6 +125,7 @@ def mln_batch(trainer, batch_size=2, num_points=9, seed=0):
                        fused=randn(batch_size, C, *patch))
     labels = torch.randint(0, 3, (batch_size, 1, *patch), generator=g)
     labels[:, :, :4] = 1  # some structure for the distance maps
+    labels[-1][labels[-1] == 2] = 0  # class 2 absent from the last sample: its Phi is undefined
     if lm.ignore_label is not None:
         labels[torch.rand(labels.shape, generator=g) < 0.2] = lm.ignore_label
     targets = [F.interpolate(labels.double(), size=s, mode='nearest-exact') for s in shapes]
@@ -112,8 +150,12 @@ def test_loss_is_eq_13_composed_of_nnunets_loss_and_the_boundary_loss(planned, v
     fusion = nnunet_loss.loss(output.fused, targets[0])
     phi = packed[0][:, 1:]
     mask = (targets[0] != ignore).double() if ignore is not None else torch.ones_like(targets[0])
-    boundary = BoundaryLoss(use_sigmoid=True)(output.distance, phi, mask)
-    squared = ((output.distance + phi) ** 2 * mask).sum() / (mask.sum() * phi.shape[1])
+    scale = phi.abs().mean((2, 3), keepdim=True)  # default normalisation: Phi / mean |Phi| per sample and class
+    assert scale[-1, 1] == 0 and (scale[:-1] > 0).all() and scale[-1, 0] > 0
+    defined = (scale > 0).double()
+    phi_n = phi / torch.where(scale > 0, scale, 1.0)
+    boundary = BoundaryLoss(use_sigmoid=True, normalization=None)(output.distance, phi_n, mask)
+    squared = ((output.distance + phi_n) ** 2 * mask * defined).sum() / (mask * defined).sum()
     point_sum, point_count = 0.0, 0
     for b in range(2):
         flat = targets[0][b, 0].flatten()

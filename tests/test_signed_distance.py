@@ -1,15 +1,19 @@
 """Signed distance maps (Eq. 7) against hand-computed values, scipy's EDT called directly,
-Kervadec's formula, and a brute-force minimum over boundary voxels; 2D and 3D, anisotropic spacing."""
+Kervadec's formula, and a brute-force minimum over boundary voxels; 2D and 3D, anisotropic spacing;
+each backend (ITK's transform, the fast path; scipy's, the reference)."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import sys
 
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
 from nnunet_ext.losses import signed_distance_map, signed_distance_maps
+from nnunet_ext.losses.signed_distance import ITK_MIN_VOXELS, _resolve_backend, interface_voxels
 from nnunet_ext.training.distance_transform import SignedDistanceTransform
 
 
@@ -150,3 +154,95 @@ def test_transform_arguments_are_checked():
         SignedDistanceTransform((1, 1))
     with pytest.raises(ValueError, match='dimension'):
         SignedDistanceTransform((1, 1), foreground_labels=(1,))(segmentation=torch.zeros((1, 3, 3, 3)))
+
+
+# --- the fast path (ITK's exact transform) against the oracles -------------------------------------------------
+@pytest.mark.parametrize('backend', ['itk', 'scipy'])
+@pytest.mark.parametrize('shape,spacing', [((9, 11), (0.7, 2.5)), ((12, 5), (0.8, 0.8)), ((1, 9), (2.0, 0.5)),
+                                           ((5, 6, 7), (3.0, 0.8, 1.1)), ((6, 1, 8), (1.0, 2.0, 0.6)),
+                                           ((4, 7, 6), (0.001, 0.0008, 0.0025))])
+def test_each_backend_matches_brute_force(backend, shape, spacing):
+    """Random masks of every density (thin, touching the border, isolated voxels), anisotropic spacing."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    for density in (0.05, 0.4, 0.85):
+        mask = rng.random(shape) < density
+        expected = brute_force_sdf(mask, spacing)
+        np.testing.assert_allclose(signed_distance_map(mask, spacing, backend=backend), expected,
+                                   rtol=1e-5, atol=1e-6 * max(spacing))
+
+
+@pytest.mark.parametrize('spacing', [(1.0, 1.0, 1.0), (2.5, 0.7, 0.9)])
+def test_itk_equals_scipy_on_a_larger_organ_patch(spacing):
+    """A 3D patch above the size where 'auto' picks ITK: the same map as scipy's EDT, float32 rounding aside."""
+    grid = np.meshgrid(*[np.arange(n) * s for n, s in zip((48, 56, 52), spacing)], indexing='ij')
+    mask = sum(((g - 0.5 * g.max()) / (0.3 * g.max() + 1)) ** 2 for g in grid) < 1
+    mask[:3] = True  # touching the border
+    mask &= np.random.default_rng(0).random(mask.shape) < 0.97  # holes
+    assert mask.size >= ITK_MIN_VOXELS
+    fast = signed_distance_map(mask, spacing)  # auto -> itk
+    reference = signed_distance_map(mask, spacing, backend='scipy')
+    np.testing.assert_allclose(fast, reference, rtol=1e-6, atol=1e-5)
+    assert fast.dtype == np.float32 and not np.signbit(fast[fast == 0]).any()  # no -0.0
+    outside = distance_transform_edt(~mask, sampling=spacing)  # Kervadec's edt(~D), directly
+    np.testing.assert_allclose(fast[~mask], outside[~mask], rtol=1e-5)  # float32 squares, then sqrt
+    out = np.full(mask.shape, np.nan)  # float64 output buffer
+    assert signed_distance_map(mask, spacing, out=out, backend='itk') is out
+    np.testing.assert_allclose(out, reference, rtol=1e-6, atol=1e-5)
+
+
+def test_interface_voxels_are_the_erosion_boundary():
+    rng = np.random.default_rng(5)
+    face = generate_binary_structure(3, 1)
+    for shape in [(6, 7, 8), (1, 5, 5), (9, 1, 3)]:
+        mask = rng.random(shape) < 0.6
+        expected = mask & ~binary_erosion(mask, structure=face, border_value=1)
+        assert np.array_equal(interface_voxels(mask), expected)
+
+
+def test_backend_choice_and_arguments():
+    assert _resolve_backend('auto', 3, ITK_MIN_VOXELS) == 'itk' and _resolve_backend('auto', 2, 100) == 'scipy'
+    assert _resolve_backend('auto', 4, 10 ** 7) == 'scipy'
+    with pytest.raises(ValueError, match='backend'):
+        signed_distance_map(np.ones((3, 3), bool), backend='cuda')
+    with pytest.raises(ValueError, match="'itk' backend"):
+        signed_distance_map(np.ones((2, 2, 2, 2), bool), backend='itk')
+    with pytest.raises(ValueError, match='out'):
+        signed_distance_map(np.ones((3, 3), bool), out=np.zeros((3, 4)))
+    with pytest.raises(ValueError, match='backend'):
+        SignedDistanceTransform((1, 1), foreground_labels=(1,), backend='gpu')
+
+
+def test_transform_backends_agree_on_every_deep_supervision_scale():
+    """nnU-Net's own deep-supervision down-sampling of a 3D patch, anisotropic spacing, two labels."""
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    grid = np.meshgrid(*[np.arange(n) for n in (32, 80, 80)], indexing='ij')
+    seg = np.zeros((32, 80, 80), np.int16)
+    seg[((grid[0] - 15) / 12.0) ** 2 + ((grid[1] - 40) / 30.0) ** 2 + ((grid[2] - 35) / 33.0) ** 2 < 1] = 1
+    seg[((grid[0] - 12) / 4.0) ** 2 + ((grid[1] - 45) / 7.0) ** 2 + ((grid[2] - 30) / 6.0) ** 2 < 1] = 2
+    segs = DownsampleSegForDSTransform([[1, 1, 1], [1, 0.5, 0.5], [0.5, 0.25, 0.25]])(
+        segmentation=torch.from_numpy(seg)[None])['segmentation']
+    spacing = (3.0, 0.8, 0.8)
+    fast = SignedDistanceTransform(spacing, foreground_labels=(1, 2))(segmentation=segs)['segmentation']
+    reference = SignedDistanceTransform(spacing, foreground_labels=(1, 2), backend='scipy')(
+        segmentation=segs)['segmentation']
+    for a, b, s in zip(fast, reference, segs):
+        assert a.dtype == torch.float32 and torch.equal(a[:1], s.float())
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    full_spacing = [s * f / n for s, f, n in zip(spacing, segs[0].shape[1:], segs[2].shape[1:])]
+    np.testing.assert_allclose(fast[2][1].numpy(), brute_force_sdf(segs[2][0].numpy() == 1, full_spacing),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _itk_map_sum(seed: int) -> float:
+    mask = np.random.default_rng(seed).random((40, 40, 90)) < 0.5
+    return float(signed_distance_map(mask, (1.0, 0.7, 2.0), backend='itk').sum())
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='fork start method')
+def test_itk_backend_works_in_forked_augmentation_workers():
+    """nnU-Net's augmentation workers are forked processes; the parent may have run ITK's thread pool."""
+    import SimpleITK as sitk
+    sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(np.random.rand(32, 32, 32).astype(np.float32)), 2.0)
+    expected = [_itk_map_sum(s) for s in range(4)]
+    with multiprocessing.get_context('fork').Pool(2) as pool:
+        assert pool.map_async(_itk_map_sum, range(4)).get(timeout=120) == expected

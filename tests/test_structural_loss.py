@@ -18,18 +18,45 @@ from nnunet_ext.losses.uncertain_points import (nearest_point_sample, point_samp
 
 # ----------------------------------------------------------------------------------------------- boundary loss
 def test_boundary_loss_hand_computed():
-    # sigmoid, logits 0 -> p = 1/2 everywhere: loss = mean(phi) / 2
+    # literal form (normalization=None): sigmoid, logits 0 -> p = 1/2 everywhere: loss = mean(phi) / 2
     phi = torch.tensor([[[[1.0, -2.0], [3.0, 0.0]]]])
-    assert BoundaryLoss(use_sigmoid=True)(torch.zeros(1, 1, 2, 2), phi).item() == pytest.approx(0.25)
+    assert BoundaryLoss(use_sigmoid=True, normalization=None)(torch.zeros(1, 1, 2, 2), phi).item() == \
+        pytest.approx(0.25)
     # softmax, 2 channels: p_fg = sigmoid(l1 - l0); only the foreground channel is weighted
     logits = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[math.log(3), 0.0], [0.0, -math.log(3)]]]])
     p = torch.tensor([[0.75, 0.5], [0.5, 0.25]])
     expected = (p * phi[0, 0]).mean().item()  # 0.75*1 - 1 + 1.5 + 0 = 1.25 / 4
     assert expected == pytest.approx(0.3125)
-    assert BoundaryLoss()(logits, phi).item() == pytest.approx(expected, rel=1e-6)
+    assert BoundaryLoss(normalization=None)(logits, phi).item() == pytest.approx(expected, rel=1e-6)
     # ignore mask: only the voxels with mask 1 count
     mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
-    assert BoundaryLoss()(logits, phi, mask).item() == pytest.approx((0.75 * 1 + 0.5 * 3) / 2, rel=1e-6)
+    assert BoundaryLoss(normalization=None)(logits, phi, mask).item() == pytest.approx((0.75 * 1 + 0.5 * 3) / 2,
+                                                                                       rel=1e-6)
+    # balanced forms: phi divided by mean |phi| = 6/4 (default) or max |phi| = 3
+    assert BoundaryLoss(use_sigmoid=True)(torch.zeros(1, 1, 2, 2), phi).item() == pytest.approx(0.25 / 1.5)
+    assert BoundaryLoss()(logits, phi).item() == pytest.approx(expected / 1.5, rel=1e-6)
+    assert BoundaryLoss(normalization='max')(logits, phi, mask).item() == pytest.approx((0.75 + 1.5) / 2 / 3,
+                                                                                        rel=1e-6)
+    with pytest.raises(ValueError, match='normalization'):
+        BoundaryLoss(normalization='sum')
+
+
+def test_boundary_loss_normalises_each_sample_and_class_by_its_own_scale():
+    """Per (sample, class): the mean |phi| of that map; an all-zero map (class absent) contributes 0."""
+    torch.manual_seed(0)
+    phi = torch.randn(2, 2, 5, 6) * torch.tensor([1.0, 40.0])[:, None, None, None]  # scales differ per sample
+    phi[1, 1] = 0  # class 2 absent from sample 2
+    logits = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    p = torch.softmax(logits, 1)[:, 1:]
+    expected = 0.0
+    for b in range(2):
+        for k in range(2):
+            scale = phi[b, k].abs().mean().item()
+            if scale > 0:
+                expected += (p[b, k] * phi[b, k].double()).mean().item() / scale
+    assert BoundaryLoss()(logits, phi).item() == pytest.approx(expected / 4, rel=1e-6)
+    # unit-free: the same maps in metres give the same loss
+    assert BoundaryLoss()(logits, phi / 1000).item() == pytest.approx(expected / 4, rel=1e-6)
 
 
 def test_boundary_loss_is_minimal_at_the_ground_truth():

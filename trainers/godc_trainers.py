@@ -9,7 +9,8 @@ class nnUNetTrainerGODC(TrainingLengthFromEnvMixin, GODCLossMixin, nnUNetTrainer
 
 
 class nnUNetTrainerGODCOnly(TrainingLengthFromEnvMixin, GODCOnlyLossMixin, nnUNetTrainer):
-    """GODC alone, no cross-entropy (the paper's training loss)."""
+    """GODC alone, no cross-entropy (the paper's training loss); false positives on background-only
+    patches are pushed down through the union weight (``GODCLoss(empty_gradient=True)``)."""
 
 
 class nnUNetTrainerGODCSquared(TrainingLengthFromEnvMixin, GODCLossMixin, nnUNetTrainer):

@@ -5,6 +5,8 @@
 
     E_B^S(P^boundary) = E_B(sigmoid(P^boundary)) + 1/n sum (P^boundary - (-Phi))^2                (Eq. 12)
 
+(with ``Phi`` normalised per sample and class by default, see "Normalisation" below).
+
 - ``E_R``: the region term, applied to the region head at every deep-supervision scale (nnU-Net's
   weights) and to the fused prediction (full resolution). The paper uses Dice; we take the region
   term of the trainer's loss mixin (nnU-Net's Dice + CE for ``nnUNetTrainerMLN``), as the
@@ -12,14 +14,31 @@
 - ``E_B^S`` (Eq. 12): Kervadec's boundary loss (Eq. 6, :class:`~nnunet_ext.losses.boundary.BoundaryLoss`
   with sigmoid probabilities, one channel per foreground class) on ``sigmoid(P^boundary)`` plus the
   mean squared error between ``P^boundary`` and ``-Phi`` (``Phi`` negative inside, so the boundary
-  head is positive inside). ``n`` counts the valid voxels times the foreground classes.
+  head is positive inside). ``n`` counts the valid voxels of the (sample, class) pairs whose ``Phi``
+  is defined (see "Undefined targets").
 - ``E_P``: cross-entropy of the pixel branch's logits at its points against the labels of those
   voxels (BCE in the paper's binary setting; softmax CE for label maps), mean over the valid points.
 - ``Phi`` is the full-resolution signed distance map delivered with the targets (``cat([labels, Phi])``,
   :mod:`nnunet_ext.training.distance_transform`), in the configuration's spacing (millimetres).
-  ``distance_scale`` (default 1: the paper's Eq. 12) expresses the head in units of
-  ``distance_scale`` millimetres: target ``-Phi / distance_scale`` and boundary loss on
-  ``sigmoid(P^boundary)``, i.e. a soft mask whose transition is ``distance_scale`` mm wide.
+- Normalisation (``SignedDistanceRegressionLoss(normalization=...)``; balanced by default): Eq. 12 is
+  written with ``Phi`` in image units. With ``Phi`` in millimetres its L2 part is ``mean(Phi^2)`` at
+  initialisation, ~2e3-5e3 mm^2 on 2D 256^2 / 3D 128^3 patches against ~1 for nnU-Net's Dice + CE,
+  and its gradient, through the shared decoder, decides what the network learns first (a
+  nnU-Net run then predicted 97% foreground). The default ``'mean'`` divides ``Phi`` per (sample,
+  class) by ``s = mean |Phi|`` over the patch (:func:`~nnunet_ext.losses.boundary.normalize_distance`),
+  in both parts of Eq. 12: the head regresses ``-Phi / s``, a unit-free signed distance with
+  ``mean |.| = 1`` (standardised targets, as regression heads are usually trained; the L2 part of a
+  zero prediction is ``mean(Phi^2) / s^2``, 1.2-1.6 on organ patches), and ``E_B(sigmoid(P))`` is the
+  balanced boundary loss of :mod:`nnunet_ext.losses.boundary`. The scale is the patch's, so the
+  same organ in two crops has slightly different targets; the head sees the whole patch, as it must
+  to regress distances to boundaries far away in the first place. ``'max'`` (``Phi / max |Phi|``, in
+  [-1, 1], Ma et al. [61] / Xue et al. [52]) is available; ``None`` is the literal Eq. 12 (``Phi`` in
+  the units of the spacing, divided by ``distance_scale``).
+- Undefined targets: where ``Phi`` is undefined for a (sample, class) (class absent from the patch,
+  or filling it: the map is all zeros), there is no regression target: those pairs are left out of
+  the L2 part (its mean runs over the defined pairs' valid voxels) instead of being trained towards
+  ``Phi = 0``, which would pull the head to the decision boundary everywhere. Their ``E_B`` is 0
+  (Kervadec's "blank" classes).
 - Schedule (Section 4.1.1, for the MLN): alpha = 1 from the start; beta = gamma = 0 for the first 12
   epochs, then 1 (:class:`MLNSchedule`). The coarse model's term ``omega_1 E_R(P_{theta_C})`` and the
   overall factor ``omega_2`` have no counterpart (nnU-Net trains one network).
@@ -36,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_ext.losses.boundary import BoundaryLoss
+from nnunet_ext.losses.boundary import BoundaryLoss, check_normalization, normalize_distance
 from nnunet_ext.losses.schedules import TermWeights, check_epochs_per_step
 from nnunet_ext.nn.point_attention import gather_points
 
@@ -74,39 +93,53 @@ class MLNSchedule:
         return MLNTermWeights(1.0, self.alpha, self.beta if on else 0.0, self.gamma if on else 0.0)
 
 
-def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean of ``values`` (B, K, ...) over the voxels where ``mask`` (B, 1, ...) is 1; 0 without any."""
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / (mask.sum() * values.shape[1]).clamp_min(1)
-
-
 class SignedDistanceRegressionLoss(nn.Module):
-    """``E_B^S`` of Eq. 12: ``mean(sigmoid(P) * Phi) + mean((P + Phi / s)^2)`` over valid voxels and
-    foreground classes (``s = distance_scale``).
+    """``E_B^S`` of Eq. 12: ``mean(sigmoid(P) * Phi_n) + mean_defined((P + Phi_n)^2)`` over valid voxels
+    and foreground classes, ``Phi_n = Phi / s`` (see the module docstring: ``s = mean |Phi|`` per
+    (sample, class) by default; ``distance_scale`` in the literal form).
+
+    Args:
+        normalization: ``'mean'`` (default), ``'max'`` or ``None`` (the literal Eq. 12).
+        distance_scale: literal form only: the head predicts ``-Phi / distance_scale`` (units of
+            ``distance_scale`` millimetres; 1 = Eq. 12 as written).
 
     ``forward(prediction, distance, loss_mask=None)``: ``prediction`` ``P^boundary`` (B, K, *spatial),
     positive inside; ``distance`` ``Phi`` (B, K, *spatial); ``loss_mask`` (B, 1, *spatial), 0 on
-    ignored voxels. :meth:`terms` returns the two parts separately.
+    ignored voxels. :meth:`terms` returns the two parts separately. The L2 part is the mean over the
+    valid voxels of the (sample, class) pairs whose ``Phi`` is defined (not all zero); 0 without any.
     """
 
-    def __init__(self, distance_scale: float = 1.0):
+    def __init__(self, normalization: Optional[str] = 'mean', distance_scale: float = 1.0):
         super().__init__()
+        check_normalization(normalization)
         if not distance_scale > 0:
             raise ValueError(f"distance_scale must be > 0, got {distance_scale}")
+        if normalization is not None and distance_scale != 1.0:
+            raise ValueError(f"distance_scale ({distance_scale}) applies to the literal form (normalization=None); "
+                             f"with normalization={normalization!r} the distances are unit-free")
+        self.normalization = normalization
         self.distance_scale = float(distance_scale)
-        self.boundary = BoundaryLoss(use_sigmoid=True)
+        self.boundary = BoundaryLoss(use_sigmoid=True, normalization=None)  # receives Phi_n
 
     def terms(self, prediction: torch.Tensor, distance: torch.Tensor, loss_mask: Optional[torch.Tensor] = None):
-        """``(E_B(sigmoid(P)), 1/n sum (P + Phi/s)^2)``."""
+        """``(E_B(sigmoid(P)), L2)``: the two parts of Eq. 12."""
         if prediction.shape != distance.shape:
             raise ValueError(f"the boundary head's prediction {tuple(prediction.shape)} and the distance maps "
                              f"{tuple(distance.shape)} must have the same shape (one map per foreground class)")
-        prediction = prediction.to(torch.promote_types(prediction.dtype, torch.float32))
+        dtype = torch.promote_types(prediction.dtype, torch.float32)  # half/bfloat16 -> float32
+        prediction = prediction.to(dtype)
+        distance, defined = normalize_distance(distance.to(dtype), self.normalization)
         boundary = self.boundary(prediction, distance, loss_mask)
-        squared = (prediction + distance.to(prediction.dtype) / self.distance_scale).square()
-        return boundary, _masked_mean(squared, loss_mask)
+        squared = (prediction + distance / self.distance_scale).square()
+        pairs = defined.to(dtype)  # (B, K): 1 where Phi is defined
+        weights = pairs.reshape(*pairs.shape, *([1] * (squared.ndim - 2)))
+        if loss_mask is None:
+            count = pairs.sum() * squared[0, 0].numel()
+        else:
+            mask = loss_mask.to(dtype)
+            weights = weights * mask
+            count = (mask.flatten(2).sum(2) * pairs).sum()
+        return boundary, (squared * weights).sum() / count.clamp_min(1)
 
     def forward(self, prediction: torch.Tensor, distance: torch.Tensor,
                 loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

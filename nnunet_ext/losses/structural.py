@@ -4,7 +4,9 @@ the fine model's part; Eq. 3 with weights):
     L = w_R E_R(P, V) + alpha E_B(P, V) + beta E_P(L, V),
 
 region term ``E_R`` (Dice + CE as nnU-Net, or GODC + CE), boundary term ``E_B`` (Eq. 6,
-:class:`~nnunet_ext.losses.boundary.BoundaryLoss`) and point term ``E_P`` (Eq. 10,
+:class:`~nnunet_ext.losses.boundary.BoundaryLoss`; by default with Phi divided per sample and class
+by its mean magnitude, a unit-free term in [-1, 1] balanced against the region term, the literal
+millimetre form being ``BoundaryLoss(normalization=None)``) and point term ``E_P`` (Eq. 10,
 :class:`~nnunet_ext.losses.uncertain_points.UncertainPointLoss`), the weights set per epoch by a
 schedule (:mod:`nnunet_ext.losses.schedules`).
 
@@ -47,7 +49,8 @@ class StructuralLoss(nn.Module):
         deep_supervision_weights: one weight per output when outputs are lists; ``None`` for a
             single output.
         boundary_loss, point_loss: the E_B and E_P modules; ``None`` for the defaults matching
-            ``use_sigmoid``. ``point_loss=False`` leaves the point term out (ablation);
+            ``use_sigmoid`` (``BoundaryLoss(use_sigmoid)``: balanced, ``normalization='mean'``).
+            ``point_loss=False`` leaves the point term out (ablation);
             ``boundary_loss=False`` leaves the boundary term out.
 
     ``weights`` (a :class:`TermWeights`) holds the current ``w_R, alpha, beta``; a term whose weight

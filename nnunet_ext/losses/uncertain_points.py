@@ -56,15 +56,15 @@ def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Value of the voxel containing each point (no interpolation; exact for labels): (B, C, N)."""
+    """Value of the voxel containing each point (no interpolation; exact for labels): (B, C, N).
+    ``coords`` must be on ``x``'s device (nothing is copied per call)."""
     _check_coords(x, coords)
     B, C = x.shape[:2]
-    spatial = x.shape[2:]
-    index = torch.zeros(coords.shape[:2], dtype=torch.long, device=coords.device)
-    for axis, size in enumerate(spatial):
+    index = None
+    for axis, size in enumerate(x.shape[2:]):
         i = torch.floor(coords[..., axis] * size).long().clamp_(0, size - 1)
-        index = index * size + i
-    return x.reshape(B, C, -1).gather(2, index[:, None].expand(B, C, -1).to(x.device))
+        index = i if index is None else index * size + i
+    return x.reshape(B, C, -1).gather(2, index[:, None].expand(B, C, -1))
 
 
 def point_uncertainty(point_logits: torch.Tensor, use_sigmoid: bool = False) -> torch.Tensor:

@@ -1,36 +1,62 @@
-"""Deformable convolution (DCNv1 and modulated DCNv2) in 2D and 3D, in pure PyTorch on ``grid_sample``.
+"""Deformable convolution (DCNv1 and modulated DCNv2) in 2D and 3D, in pure PyTorch.
 
 This is the operator behind LFAM, the lateral feature alignment module of "Towards Accurate Medical
 Image Segmentation With Gradient-Optimized Dice Loss" (``shared/papers/godc_lfam_gradient_optimized_dice.md``,
 Fig. 2): a deformable convolution on each skip connection resamples the skip feature at learned
 offsets before it is fused with the up-sampled decoder feature. The paper uses the deformable
-convolution of Dai et al., "Deformable Convolutional Networks", ICCV 2017 (its ref. [24], DCNv1);
+convolution of Dai et al., "Deformable Convolutional Networks", ICCV 2017 (its ref. [24], DCNv1, Eq. 2);
 the optional modulation mask is that of Zhu et al., "Deformable ConvNets v2: More Deformable, Better
-Results", CVPR 2019 (DCNv2).
+Results", CVPR 2019 (DCNv2, Eq. 3).
 
 For output position ``p0`` and kernel position ``p_k`` (k = 0..K-1, row-major over the kernel),
 
     y(p0) = bias + sum_k w_k * m_k(p0) * x(p0 * stride - padding + p_k * dilation + dp_k(p0)),
 
 with ``dp_k`` the learned offset and ``m_k`` the modulation (1 for DCNv1). ``x`` at a fractional
-position is interpolated bilinearly (2D) or trilinearly (3D) from the neighbouring pixels, with the
-sampling rules of ``torchvision.ops.deform_conv2d``: pixels outside the input count as zero (a
-neighbour outside contributes zero, so a point between -1 and 0 is weighted down towards the
-border and a point at -1 or beyond, or at ``size`` or beyond, is zero); an integer position samples
-exactly that pixel. With zero offsets and unit mask the result equals ``F.conv2d`` / ``F.conv3d``.
+position is interpolated bilinearly (2D) or trilinearly (3D) from the neighbouring pixels (Dai et al.
+Eq. 3-4), with the sampling rules of ``torchvision.ops.deform_conv2d``: pixels outside the input count
+as zero (a neighbour outside contributes zero, so a point between -1 and 0 is weighted down towards
+the border and a point at -1 or beyond, or at ``size`` or beyond, is zero); an integer position
+samples exactly that pixel. With zero offsets and unit mask the result equals ``F.conv2d`` / ``F.conv3d``.
 
-Unlike torchvision's op (2D only, no 3D), this runs on every device PyTorch runs on, in 2D and 3D,
-and is differentiable with respect to input, offsets, mask, weight and bias by autograd.
-Implementation: one ``grid_sample`` call gathers the im2col tensor ``(B, C, K, *out)`` for every
-kernel position and offset group (offset groups folded into the batch dimension, kernel positions
-into the first spatial dimension of the sampling grid), the mask multiplies it, and one batched
-matmul contracts it with the (grouped) weight. Memory is that of the im2col tensor, ``K`` times the
-input resampled to the output size.
+Implementation (why it looks the way it does)
+---------------------------------------------
+The textbook implementation gathers the im2col tensor ``(B, C, K, L)`` (``L`` output positions) and
+contracts it with the weight; autograd then keeps that tensor and the sampling grid for backward,
+about 58x the input in 3D with a 3x3x3 kernel. Here a custom ``torch.autograd.Function`` works **one
+kernel position at a time**:
+
+* forward: ``y += W_k @ (m_k * sample(x, p0 + p_k + dp_k))`` for k = 0..K-1, never holding more than one
+  position's samples ``(B, C, L)``;
+* backward: per position, recompute the samples from ``x`` and the offsets and accumulate the gradients
+  of input, offsets, mask, weight (bias: a sum of the output gradient).
+
+It saves only what it was given (``x``, offsets, mask, weight). :class:`LateralFeatureAlignment`
+goes one step further and also recomputes its offset/mask predictor in backward, so that it keeps only
+the skip and the up-sampled feature (see ``nnunet_ext.nn.lateral_alignment``). The sampling positions
+are formed in at least float32 whatever the input dtype (half or bfloat16 grid coordinates would be off
+by up to ``size/1000`` pixels), sampling and the contraction run in at least float32 with autocast
+disabled inside the operator, and the output has the input's dtype. Nothing in forward or backward
+reads a value back to the host (no ``.item()``, no data-dependent shapes), so ``torch.compile(...,
+fullgraph=True)`` traces forward and backward as one graph.
+
+Two samplers, the same arithmetic:
+
+* ``'gather'`` (default on CPU): the input is copied once to channels-last rows ``(B*G*N, C/G)`` and
+  the ``2^n`` interpolation corners of every sampling point are summed with their weights by one
+  ``F.embedding_bag(mode='sum', per_sample_weights=...)`` (a vectorised gather-and-weighted-sum; the 3D
+  CPU ``grid_sample`` kernel is scalar and several times slower). Backward: the offset gradient is
+  ``<dL/dsample, d sample/d p_i>``, where ``d sample/d p_i`` is another weighted bag of the same
+  corners (weights ``d w_c / d p_i``); the input gradient scatters ``w_c * dL/dsample`` to the corners
+  with ``index_add_``.
+* ``'grid_sample'`` (default on other devices): ``F.grid_sample`` per kernel position and
+  ``aten.grid_sampler_{2,3}d_backward`` for the gradients of input and positions.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +64,9 @@ from torch import nn
 
 IntOrTuple = Union[int, Sequence[int]]
 
-__all__ = ['deform_conv', 'DeformableConv', 'deform_conv_output_size']
+__all__ = ['deform_conv', 'DeformableConv', 'deform_conv_output_size', 'SAMPLERS']
+
+SAMPLERS = ('auto', 'gather', 'grid_sample')
 
 
 def _tuple(value: IntOrTuple, ndim: int, name: str, minimum: int) -> Tuple[int, ...]:
@@ -69,44 +97,52 @@ def deform_conv_output_size(input_size: Sequence[int], kernel_size: Sequence[int
     stride = _tuple(stride, n, 'stride', 1)
     padding = _tuple(padding, n, 'padding', 0)
     dilation = _tuple(dilation, n, 'dilation', 1)
-    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
-                 for s, k, st, p, d in zip(input_size, kernel_size, stride, padding, dilation))
+    return tuple([(s + 2 * p - d * (k - 1) - 1) // st + 1
+                  for s, k, st, p, d in zip(input_size, kernel_size, stride, padding, dilation)])
 
 
-def deform_conv(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Deformable convolution, 2D or 3D (``n = weight.ndim - 2``), DCNv1 (``mask=None``) or modulated
-    DCNv2 (``mask`` given). Drop-in for ``torchvision.ops.deform_conv2d`` in 2D (same arguments,
-    offset layout and sampling rules), extended to 3D.
+def resolve_sampler(sampler: str, device: torch.device) -> str:
+    """``'auto'`` -> ``'gather'`` on CPU, ``'grid_sample'`` elsewhere; other values are checked."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == 'auto':
+        return 'gather' if device.type == 'cpu' else 'grid_sample'
+    return sampler
 
-    Args:
-        input: ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
-        offset: ``(B, n * G * K, *out)`` with ``K = prod(kernel_size)``, ``G`` the number of offset
-            groups (inferred from the channel count; input channel ``c`` uses offset group
-            ``c // (C / G)``) and ``out`` the conv output size (:func:`deform_conv_output_size`).
-            Channel ``n * (g * K + k) + i`` is the offset along axis ``i`` of kernel position ``k``
-            (row-major over the kernel: ``k = ky * kw + kx`` in 2D, ``(kz * kh + ky) * kw + kx`` in 3D)
-            of offset group ``g``; the axes in order: 2D ``(dy, dx)`` = (row, column) exactly as
-            torchvision, 3D ``(dz, dy, dx)``. Offsets are in pixels of the input.
-        weight: ``(O, C / groups, *kernel_size)``; ``groups = C // weight.shape[1]`` as in torchvision.
-        bias: ``(O,)`` or ``None``.
-        stride, padding, dilation: int or tuple of ``n`` ints, as for ``nn.ConvNd``. Padding is zero
-            padding, i.e. sampling positions are shifted by ``-padding`` and outside is zero.
-        mask: ``(B, G * K, *out)`` modulation scalars, channel ``g * K + k``; ``None`` means 1.
 
-    Returns:
-        ``(B, O, *out)``.
+class _Geometry(NamedTuple):
+    """Static description of one deformable convolution call (Python ints only: constant under compile)."""
+    n: int
+    kernel: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    spatial: Tuple[int, ...]
+    out: Tuple[int, ...]
+    batch: int
+    channels: int
+    out_channels: int
+    groups: int
+    offset_groups: int
+    sampler: str
 
-    Sampling rules (torchvision's): the input is read at ``p0 * stride - padding + p_k * dilation +
-    offset``, bilinearly (2D) or trilinearly (3D) interpolated; every neighbouring pixel outside the
-    input counts as zero, so a point at ``-1`` or ``size`` (or beyond) along an axis reads zero. The
-    value is not differentiable with respect to the offset where a coordinate is an integer (kink of
-    the interpolation); autograd then returns one of the one-sided derivatives, like torchvision.
-    Sampling positions are formed in at least float32 and sampling runs in at least float32 (half and
-    bfloat16 inputs are up-cast for ``grid_sample``, the result has the input's dtype); offsets and mask
-    may have another floating dtype than the input.
-    """
+    @property
+    def K(self) -> int:
+        return math.prod(self.kernel)
+
+    @property
+    def L(self) -> int:
+        return math.prod(self.out)
+
+    @property
+    def N(self) -> int:
+        return math.prod(self.spatial)
+
+
+def _geometry(input: torch.Tensor, offset_shape: Sequence[int], weight: torch.Tensor, bias: Optional[torch.Tensor],
+              stride: IntOrTuple, padding: IntOrTuple, dilation: IntOrTuple, mask_shape: Optional[Sequence[int]],
+              sampler: str) -> _Geometry:
+    """Checks the arguments of :func:`deform_conv` (shapes only) and returns the call's geometry."""
     n = weight.ndim - 2
     if n not in (2, 3):
         raise ValueError(f"weight must have shape (out_channels, in_channels / groups, *kernel) with a 2D or 3D "
@@ -130,68 +166,561 @@ def deform_conv(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
     padding = _tuple(padding, n, 'padding', 0)
     dilation = _tuple(dilation, n, 'dilation', 1)
     out = deform_conv_output_size(spatial, kernel, stride, padding, dilation)
-    if any(o < 1 for o in out):
+    if any([o < 1 for o in out]):
         raise ValueError(f"input of spatial size {spatial} is too small for kernel {kernel} with stride {stride}, "
                          f"padding {padding}, dilation {dilation}: output size would be {out}")
-
-    if offset.ndim != n + 2 or offset.shape[0] != B or tuple(offset.shape[2:]) != out:
+    offset_shape = tuple(offset_shape)
+    if len(offset_shape) != n + 2 or offset_shape[0] != B or offset_shape[2:] != out:
         raise ValueError(f"offset must have shape (B, {n} * offset_groups * {K}, *out) = ({B}, {n * K}*G, "
-                         f"{', '.join(map(str, out))}) (out = conv output size), got {tuple(offset.shape)}")
-    if offset.shape[1] == 0 or offset.shape[1] % (n * K) != 0:
-        raise ValueError(f"offset has {offset.shape[1]} channels; expected a positive multiple of "
+                         f"{', '.join(map(str, out))}) (out = conv output size), got {offset_shape}")
+    if offset_shape[1] == 0 or offset_shape[1] % (n * K) != 0:
+        raise ValueError(f"offset has {offset_shape[1]} channels; expected a positive multiple of "
                          f"{n} * {K} = {n * K} ({n} coordinates per kernel position per offset group)")
-    G = offset.shape[1] // (n * K)
+    G = offset_shape[1] // (n * K)
     if C % G != 0:
         raise ValueError(f"input channels {C} are not divisible by the {G} offset groups implied by "
-                         f"{offset.shape[1]} offset channels ({n} * {G} * {K})")
-    if not offset.is_floating_point():
-        raise ValueError(f"offset must be a floating-point tensor, got {offset.dtype}")
-    if mask is not None:
-        if mask.ndim != n + 2 or tuple(mask.shape) != (B, G * K, *out):
-            raise ValueError(f"mask must have shape (B, offset_groups * {K}, *out) = {(B, G * K, *out)} "
-                             f"(offset groups = {G} from the offset's channels), got {tuple(mask.shape)}")
-        if not mask.is_floating_point():
-            raise ValueError(f"mask must be a floating-point tensor, got {mask.dtype}")
+                         f"{offset_shape[1]} offset channels ({n} * {G} * {K})")
+    if mask_shape is not None and (len(mask_shape) != n + 2 or tuple(mask_shape) != (B, G * K, *out)):
+        raise ValueError(f"mask must have shape (B, offset_groups * {K}, *out) = {(B, G * K, *out)} "
+                         f"(offset groups = {G} from the offset's channels), got {tuple(mask_shape)}")
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    return _Geometry(n, kernel, stride, padding, dilation, spatial, out, B, C, out_channels, groups, G,
+                     resolve_sampler(sampler, input.device))
 
-    # --- sampling grid: (B*G, K*out[0], out[1:], n), coordinates normalised for align_corners=False
-    acc = torch.promote_types(offset.dtype, torch.float32)
-    dev = offset.device
-    axes = []
-    for i in range(n):  # base position p0 * stride - padding + p_k * dilation along axis i: (K, *out)
-        kpos = torch.arange(kernel[i], device=dev, dtype=acc) * dilation[i]
-        opos = torch.arange(out[i], device=dev, dtype=acc) * stride[i] - padding[i]
-        kshape = [1] * n
-        kshape[i] = kernel[i]
-        oshape = [1] * n
-        oshape[i] = out[i]
-        axes.append((kpos.view(*kshape, *([1] * n)) + opos.view(*([1] * n), *oshape)).expand(*kernel, *out)
-                    .reshape(K, *out))
-    base = torch.stack(axes, dim=1)  # (K, n, *out)
-    sizes = torch.tensor(spatial, device=dev, dtype=acc).view(n, *([1] * n))
-    pos = base + offset.view(B, G, K, n, *out).to(acc)
-    # pixel coordinate p -> normalised (2p + 1) / size - 1 (align_corners=False): exact pixel centres,
-    # valid for size-1 axes too. grid_sample wants the axes reversed: (x, y) / (x, y, z).
-    grid = ((2 * pos + 1) / sizes - 1).flip(3).movedim(3, -1)  # (B, G, K, *out, n)
-    # half / bfloat16 input is sampled in float32: grid coordinates in half precision would be off by
-    # up to ~size/1000 pixels (autocast does the same, grid_sample is on its float32 list)
-    sample_dtype = torch.promote_types(input.dtype, torch.float32)
-    grid = grid.reshape(B * G, K * out[0], *out[1:], n).to(sample_dtype)
 
-    # --- im2col by one grid_sample: (B*G, C/G, K*out[0], *out[1:]) is (B, C, K, L) in memory
-    cols = F.grid_sample(input.reshape(B * G, C // G, *spatial).to(sample_dtype), grid, mode='bilinear',
-                         padding_mode='zeros', align_corners=False)
-    L = math.prod(out)
-    if mask is not None:
-        cols = cols.view(B, G, C // G, K, L) * mask.view(B, G, 1, K, L).to(sample_dtype)
-    # --- grouped weighted sum: (groups, O/groups, C/groups*K) @ (B, groups, C/groups*K, L)
-    cols = cols.reshape(B, groups, cin_per_group * K, L).to(input.dtype)
-    w = weight.reshape(groups, out_channels // groups, cin_per_group * K)
-    y = torch.matmul(w, cols).view(B, out_channels, *out)
+# ------------------------------------------------------------------------------------------------
+# the kernel-position-chunked core (plain tensor code, called inside the autograd Functions)
+# ------------------------------------------------------------------------------------------------
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """At least float32 (positions, sampling and the contraction)."""
+    dtype = torch.float32
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
+def _kernel_positions(geo: _Geometry) -> List[Tuple[int, ...]]:
+    """Kernel index tuples in row-major order: k = (kz * kh + ky) * kw + kx."""
+    return list(itertools.product(*[range(k) for k in geo.kernel]))
+
+
+def _base_positions(geo: _Geometry, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
+    """Per axis, ``p0 * stride - padding`` for every output position, flattened to ``(L,)``. Built with
+    ``arange`` on the device (no host-to-device copy)."""
+    n = geo.n
+    bases = []
+    for i in range(n):
+        shape = [1] * n
+        shape[i] = geo.out[i]
+        axis = torch.arange(geo.out[i], device=device, dtype=dtype) * float(geo.stride[i]) - float(geo.padding[i])
+        bases.append(axis.view(shape).expand(geo.out).reshape(geo.L))
+    return bases
+
+
+def _positions(offset_v: torch.Tensor, bases: List[torch.Tensor], geo: _Geometry, k: int, kk: Tuple[int, ...],
+               dtype: torch.dtype) -> List[torch.Tensor]:
+    """Sampling coordinates (pixels of the input) of kernel position ``k``: per axis ``(B, G, L)``."""
+    return [offset_v[:, :, k, i].to(dtype) + (bases[i] + float(kk[i] * geo.dilation[i])) for i in range(geo.n)]
+
+
+def _fold_corners(per_axis, combine):
+    """Combines per-axis pairs ``(lo, hi)`` over the ``2^n`` corners, axis 0 most significant
+    (corner ``c`` has bit ``n - 1 - i`` for axis ``i``)."""
+    out = list(per_axis[-1])
+    for pair in reversed(per_axis[:-1]):
+        out = [combine(a, b) for a in pair for b in out]
+    return out
+
+
+class _Table(NamedTuple):
+    """The input as zero-padded channels-last rows: ``rows`` ``(B*G*N', C/G)`` with ``N' = prod(size + 2)``
+    (one zero pixel on each side of each axis), the row of the first pixel of each output row's
+    ``(b, g)`` block (``row_base``, ``(B*G*L,)``), the row strides of the padded axes and the row offsets
+    of the ``2^n`` corners of a cell."""
+    rows: torch.Tensor
+    row_base: torch.Tensor
+    strides: Tuple[int, ...]
+    corner_offsets: Tuple[int, ...]
+
+
+def _index_dtype(geo: _Geometry) -> torch.dtype:
+    padded = geo.batch * geo.offset_groups * math.prod([s + 2 for s in geo.spatial])
+    return torch.int32 if padded < 2 ** 31 - 1 else torch.int64
+
+
+def _gather_table(x: torch.Tensor, geo: _Geometry, dtype: torch.dtype) -> _Table:
+    B, G, n = geo.batch, geo.offset_groups, geo.n
+    padded = tuple([s + 2 for s in geo.spatial])
+    rows = x.new_zeros((B * G, *padded, geo.channels // G), dtype=dtype)
+    rows[(slice(None),) + (slice(1, -1),) * n] = x.reshape(B * G, geo.channels // G, *geo.spatial).movedim(1, -1)
+    strides = tuple([math.prod(padded[i + 1:]) for i in range(n)])
+    itype = _index_dtype(geo)
+    row_base = (torch.arange(B * G, device=x.device, dtype=itype) * math.prod(padded)).view(B * G, 1) \
+        .expand(B * G, geo.L).reshape(B * G * geo.L)
+    corner_offsets = tuple([sum([b * s for b, s in zip(bits, strides)]) for bits in itertools.product((0, 1), repeat=n)])
+    return _Table(rows.reshape(B * G * math.prod(padded), -1), row_base, strides, corner_offsets)
+
+
+def _padded_to_input(rows: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """Gradient rows of the padded table -> ``(B, C, *spatial)`` (the padding's rows are dropped)."""
+    B, G, n = geo.batch, geo.offset_groups, geo.n
+    padded = tuple([s + 2 for s in geo.spatial])
+    inner = rows.view(B * G, *padded, -1)[(slice(None),) + (slice(1, -1),) * n]
+    return inner.movedim(-1, 1).reshape(B, geo.channels, *geo.spatial)
+
+
+class _Corners(NamedTuple):
+    index: torch.Tensor  # (R, 2^n) rows of the padded table
+    weight: torch.Tensor  # (R, 2^n) interpolation weights
+    dweight: Optional[List[torch.Tensor]]  # per axis (R, 2^n): d weight / d position
+
+
+def _corners(pos: List[torch.Tensor], geo: _Geometry, table: _Table, derivatives: bool) -> _Corners:
+    """The ``2^n`` neighbours of each sampling point in the zero-padded table and their bilinear /
+    trilinear weights (Dai et al. Eq. 4: ``G(q, p) = prod_i max(0, 1 - |q_i - p_i|)``).
+
+    A position is clamped to ``[-1, size]`` per axis; its cell's low corner to ``[-1, size - 1]``. Corners
+    at ``-1`` or ``size`` are rows of the zero padding, so a point at ``-1`` or ``size`` (or beyond) reads
+    zero and a point in ``(-1, 0)`` or ``(size - 1, size)`` is weighted down towards the border, as
+    torchvision. The derivative with respect to the position is zero outside ``(-1, size)`` (the value
+    is constant zero there); NaN positions propagate NaN."""
+    n = geo.n
+    R = table.row_base.shape[0]
+    itype = table.row_base.dtype
+    weights, inside = [], []
+    base = table.row_base
+    for i in range(n):
+        size = float(geo.spatial[i])
+        p = pos[i].reshape(R)
+        clamped = p.clamp(-1.0, size)
+        low = torch.floor(clamped).clamp_(max=size - 1.0)
+        frac = clamped - low
+        weights.append((1.0 - frac, frac))
+        base = base + (low.to(itype) + 1) * table.strides[i]
+        if derivatives:
+            inside.append(((p > -1.0) & (p < size)).to(p.dtype))
+    index = torch.stack([base + c for c in table.corner_offsets], 1)
+    weight = torch.stack(_fold_corners(weights, torch.mul), 1)
+    dweight = None
+    if derivatives:
+        dweight = []
+        for i in range(n):
+            others = [weights[j] for j in range(n) if j != i]
+            rest = [w * inside[i] for w in _fold_corners(others, torch.mul)] if others else [inside[i]]
+            rest_neg = [-w for w in rest]
+            per_corner = []
+            for bits in itertools.product((0, 1), repeat=n):
+                j = 0
+                for a in range(n):
+                    if a != i:
+                        j = 2 * j + bits[a]
+                per_corner.append(rest[j] if bits[i] else rest_neg[j])
+            dweight.append(torch.stack(per_corner, 1))
+    return _Corners(index, weight, dweight)
+
+
+def _scatter_rows(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The transpose of :func:`_bag`: ``out[q] = sum_{r, c: index[r, c] = q} weight[r, c] * values[r]``,
+    ``(num_rows, Cg)``. The (row, corner) pairs are sorted by target row and summed by one
+    ``embedding_bag`` over the sorted list (a vectorised, deterministic segment sum; ``index_add_`` /
+    ``scatter_add_`` on CPU add row by row and are several times slower)."""
+    corners = index.shape[1]  # a power of two
+    flat = index.reshape(-1)
+    order = torch.sort(flat, stable=True)[1]
+    counts = torch.zeros(num_rows, device=index.device, dtype=index.dtype).scatter_add_(
+        0, flat.long(), torch.ones_like(flat))
+    starts = torch.cumsum(counts, 0, dtype=index.dtype) - counts  # first entry of each target row
+    sources = torch.bitwise_right_shift(order, corners.bit_length() - 1).to(index.dtype)
+    return F.embedding_bag(sources, values, starts, per_sample_weights=torch.take(weight, order).to(values.dtype),
+                           mode='sum')
+
+
+def _bag(table: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum_c weight[:, c] * table[index[:, c]]`` -> ``(R, Cg)``: one fused gather and weighted sum."""
+    return F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode='sum')
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.einsum('rc,rc->r', a, b)
+
+
+def _to_rows(t: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """``(B*G*L, Cg)`` (per offset group) -> ``(B*L, C)`` (channels last; a copy only if G > 1)."""
+    B, G, L = geo.batch, geo.offset_groups, geo.L
+    if G == 1:
+        return t.view(B * L, geo.channels)
+    return t.view(B, G, L, -1).transpose(1, 2).reshape(B * L, geo.channels)
+
+
+def _from_rows(t: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """Inverse of :func:`_to_rows`."""
+    B, G, L = geo.batch, geo.offset_groups, geo.L
+    if G == 1:
+        return t.view(B * L, geo.channels)
+    return t.view(B, L, G, -1).transpose(1, 2).reshape(B * G * L, geo.channels // G)
+
+
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+    """``a (R, groups * I) @ w (groups, I, J)`` per group -> ``(R, groups * J)``."""
+    if groups == 1:
+        return a @ w[0]
+    R = a.shape[0]
+    return torch.bmm(a.view(R, groups, -1).transpose(0, 1), w).transpose(0, 1).reshape(R, -1)
+
+
+def _grouped_weight_grad(gy: torch.Tensor, s: torch.Tensor, groups: int) -> torch.Tensor:
+    """``sum_r s[r] (x) gy[r]`` per group: ``(groups, Cin/groups, Cout/groups)``."""
+    R = gy.shape[0]
+    if groups == 1:
+        return (s.t() @ gy).unsqueeze(0)
+    return torch.bmm(s.view(R, groups, -1).permute(1, 2, 0), gy.view(R, groups, -1).transpose(0, 1))
+
+
+def _split_weight(weight: torch.Tensor, geo: _Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """``(O, C/groups, *kernel)`` -> ``(K, groups, C/groups, O/groups)``: per kernel position the matrix
+    that maps channels-last samples to channels-last outputs."""
+    O, Cg = weight.shape[:2]
+    return (weight.to(dtype).reshape(geo.groups, O // geo.groups, Cg, geo.K).permute(3, 0, 2, 1).contiguous())
+
+
+def _unsplit_weight_grad(gw: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """Inverse of :func:`_split_weight` for the accumulated gradient ``(K, groups, C/groups, O/groups)``."""
+    K, groups, Cg, Og = gw.shape
+    return gw.permute(1, 3, 2, 0).reshape(groups * Og, Cg, *geo.kernel)
+
+
+def _grid_table(x: torch.Tensor, geo: _Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """The input as ``grid_sample`` wants it: ``(B*G, C/G, *spatial)``."""
+    return x.to(dtype).reshape(geo.batch * geo.offset_groups, geo.channels // geo.offset_groups, *geo.spatial)
+
+
+def _grid(pos: List[torch.Tensor], geo: _Geometry) -> torch.Tensor:
+    """Normalised ``grid_sample`` coordinates (align_corners=False: pixel p -> (2p + 1) / size - 1, exact
+    pixel centres, valid for size-1 axes), axes reversed: ``(B*G, *out, n)``."""
+    B, G = geo.batch, geo.offset_groups
+    coords = [(2.0 * p + 1.0) / float(s) - 1.0 for p, s in zip(pos, geo.spatial)]
+    return torch.stack(coords[::-1], dim=-1).reshape(B * G, *geo.out, geo.n)
+
+
+def _mask_at(mask_v: Optional[torch.Tensor], k: int, logits: bool, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Kernel position ``k``'s modulation ``(B, G, L)``; ``sigmoid`` of it when the mask is given as logits
+    (LFAM: no full mask tensor is ever formed)."""
+    if mask_v is None:
+        return None
+    m = mask_v[:, :, k].to(dtype)
+    return torch.sigmoid(m) if logits else m
+
+
+def _forward_position_gather(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype):
+    """``y += W_k @ (m_k * sample_k)`` for one kernel position (channels-last rows)."""
+    R = table.row_base.shape[0]
+    corners = _corners(_positions(offset_v, bases, geo, k, kk, pos_dtype), geo, table, False)
+    m = _mask_at(mask_v, k, mask_logits, pos_dtype)
+    w = corners.weight if m is None else corners.weight * m.reshape(R, 1)
+    s = _to_rows(_bag(table.rows, corners.index, w), geo)
+    if geo.groups == 1:
+        y.addmm_(s, wk[k, 0])
+    else:
+        y.add_(_grouped_mm(s, wk[k], geo.groups))
+
+
+def _forward_position_grid(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype):
+    """``y += W_k @ (m_k * sample_k)`` for one kernel position (``grid_sample``, channels first)."""
+    B, G, L = geo.batch, geo.offset_groups, geo.L
+    dtype = table.dtype
+    grid = _grid(_positions(offset_v, bases, geo, k, kk, pos_dtype), geo).to(dtype)
+    s = F.grid_sample(table, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    m = _mask_at(mask_v, k, mask_logits, dtype)
+    if m is not None:
+        s = s * m.reshape(B * G, 1, *geo.out)
+    s = s.reshape(B, geo.groups, geo.channels // geo.groups, L)
+    y.add_(torch.matmul(wk[k].transpose(1, 2), s).reshape(B, geo.out_channels, L))
+
+
+def deform_forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                   bias: Optional[torch.Tensor], geo: _Geometry, mask_logits: bool = False) -> torch.Tensor:
+    """The forward arithmetic of Dai et al. Eq. 2 / Zhu et al. Eq. 3, one kernel position at a time (plain
+    tensor code without autograd; the custom operators call it). ``mask_logits``: ``mask`` holds logits,
+    the modulation is their sigmoid. Returns ``(B, O, *out)`` in the compute dtype."""
+    B, G, K, L, n = geo.batch, geo.offset_groups, geo.K, geo.L, geo.n
+    dtype = _compute_dtype(x.dtype, weight.dtype)
+    pos_dtype = _compute_dtype(offset.dtype)
+    offset_v = offset.reshape(B, G, K, n, L)
+    mask_v = None if mask is None else mask.reshape(B, G, K, L)
+    bases = _base_positions(geo, pos_dtype, x.device)
+    wk = _split_weight(weight, geo, dtype)
+    if geo.sampler == 'gather':
+        table = _gather_table(x, geo, dtype)
+        y = torch.zeros(B * L, geo.out_channels, device=x.device, dtype=dtype)
+        for k, kk in enumerate(_kernel_positions(geo)):
+            _forward_position_gather(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype)
+        del table
+        y = y.view(B, L, geo.out_channels).transpose(1, 2).contiguous()
+    else:
+        table = _grid_table(x, geo, dtype)
+        y = torch.zeros(B, geo.out_channels, L, device=x.device, dtype=dtype)
+        for k, kk in enumerate(_kernel_positions(geo)):
+            _forward_position_grid(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype)
+    y = y.view(B, geo.out_channels, *geo.out)
     if bias is not None:
-        y = y + bias.view(1, out_channels, *([1] * n))
+        y.add_(bias.to(dtype).view(1, -1, *([1] * n)))
     return y
+
+
+class DeformGrads(NamedTuple):
+    input: Optional[torch.Tensor]
+    offset: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def _backward_position_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v, mask_v, mask_logits, bases, wk_t,
+                              geo, k, kk, pos_dtype, needs):
+    """Gradients of kernel position ``k`` (channels-last rows): the samples are recomputed; the offset
+    gradient is ``<dL/ds, m * d sample / d p_i>`` with ``d sample / d p_i`` a bag of the same corners with
+    the weights' derivatives; the input gradient is the transposed bag (:func:`_scatter_rows`).
+    Returns the updated input-gradient accumulator."""
+    need_x, need_off, need_mask, need_w = needs
+    B, G, L, n = geo.batch, geo.offset_groups, geo.L, geo.n
+    R = table.row_base.shape[0]
+    dtype = table.rows.dtype
+    corners = _corners(_positions(offset_v, bases, geo, k, kk, pos_dtype), geo, table, need_off)
+    m = _mask_at(mask_v, k, mask_logits, pos_dtype)
+    m = None if m is None else m.reshape(R, 1)
+    gs = _from_rows(_grouped_mm(gy_rows, wk_t[k], geo.groups), geo)  # dL / d(m * sample), (R, Cg)
+    if need_mask or need_w:
+        v = _bag(table.rows, corners.index, corners.weight)  # the samples, (R, Cg)
+        if need_mask:
+            gm = _rowdot(gs, v)
+            if mask_logits:  # d sigmoid(a) / da = m (1 - m)
+                gm = gm * (m * (1.0 - m)).reshape(R).to(gm.dtype)
+            gmask_v[:, :, k] = gm.view(B, G, L).to(gmask_v.dtype)
+        if need_w:
+            if m is not None:
+                v = v * m.to(dtype)
+            gw[k] += _grouped_weight_grad(gy_rows, _to_rows(v, geo), geo.groups)
+        del v
+    if need_off:
+        for i in range(n):
+            dw = corners.dweight[i] if m is None else corners.dweight[i] * m
+            goff_v[:, :, k, i] = _rowdot(gs, _bag(table.rows, corners.index, dw)).view(B, G, L).to(goff_v.dtype)
+    if need_x:
+        wm = corners.weight if m is None else corners.weight * m
+        part = _scatter_rows(gs, corners.index, wm, table.rows.shape[0])
+        gx = part if gx is None else gx.add_(part)
+    return gx
+
+
+def _backward_position_grid(gx, gw, goff_v, gmask_v, gy_cf, table, offset_v, mask_v, mask_logits, bases, wk, geo, k,
+                            kk, pos_dtype, needs):
+    """Gradients of kernel position ``k`` with ``grid_sample`` and ``aten.grid_sampler_{2,3}d_backward``."""
+    need_x, need_off, need_mask, need_w = needs
+    B, G, L, n = geo.batch, geo.offset_groups, geo.L, geo.n
+    dtype = table.dtype
+    grid = _grid(_positions(offset_v, bases, geo, k, kk, pos_dtype), geo).to(dtype)
+    m = _mask_at(mask_v, k, mask_logits, dtype)
+    m = None if m is None else m.reshape(B * G, 1, *geo.out)
+    gs = torch.matmul(wk[k], gy_cf).reshape(B * G, geo.channels // G, *geo.out)
+    if need_mask or need_w:
+        v = F.grid_sample(table, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        if need_mask:
+            gm = (gs * v).sum(1)
+            if mask_logits:
+                gm = gm * (m * (1.0 - m)).reshape(gm.shape)
+            gmask_v[:, :, k] = gm.reshape(B, G, L).to(gmask_v.dtype)
+        if need_w:
+            s = (v if m is None else v * m).reshape(B, geo.groups, geo.channels // geo.groups, L)
+            gw[k] += torch.einsum('bgcl,bgol->gco', s, gy_cf)
+        del v
+    if m is not None:
+        gs = gs * m
+    if need_x or need_off:
+        backward_op = torch.ops.aten.grid_sampler_2d_backward if n == 2 else torch.ops.aten.grid_sampler_3d_backward
+        g_in, g_grid = backward_op(gs, table, grid, 0, 0, False, [need_x, need_off])
+        if need_x:
+            gx = g_in if gx is None else gx.add_(g_in)
+        if need_off:
+            for i in range(n):
+                gpos = g_grid[..., n - 1 - i] * (2.0 / float(geo.spatial[i]))
+                goff_v[:, :, k, i] = gpos.reshape(B, G, L).to(goff_v.dtype)
+    return gx
+
+
+def deform_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
+                    weight: torch.Tensor, geo: _Geometry, needs: Tuple[bool, bool, bool, bool, bool],
+                    offset_grad_out: Optional[torch.Tensor] = None, mask_grad_out: Optional[torch.Tensor] = None,
+                    mask_logits: bool = False) -> DeformGrads:
+    """Gradients of :func:`deform_forward`, recomputing each kernel position's samples (plain tensor code).
+
+    ``needs`` = (input, offset, mask, weight, bias). ``offset_grad_out`` / ``mask_grad_out``: optional
+    tensors of the offset's / mask's shape to write those gradients into (LFAM writes them straight into
+    its predictor's gradient). With ``mask_logits`` the mask gradient is that of the logits. Gradients
+    are in the compute dtype (at least float32)."""
+    B, G, K, L, n = geo.batch, geo.offset_groups, geo.K, geo.L, geo.n
+    need_x, need_off, need_mask, need_w, need_b = needs
+    need_mask = need_mask and mask is not None
+    dtype = _compute_dtype(x.dtype, weight.dtype)
+    pos_dtype = _compute_dtype(offset.dtype)
+    offset_v = offset.reshape(B, G, K, n, L)
+    mask_v = None if mask is None else mask.reshape(B, G, K, L)
+    goff = gmask = goff_v = gmask_v = None
+    if need_off:
+        goff = offset_grad_out if offset_grad_out is not None else torch.empty(
+            B, n * G * K, *geo.out, device=x.device, dtype=pos_dtype)
+        goff_v = goff.view(B, G, K, n, L)
+    if need_mask:
+        gmask = mask_grad_out if mask_grad_out is not None else torch.empty(
+            B, G * K, *geo.out, device=x.device, dtype=pos_dtype)
+        gmask_v = gmask.view(B, G, K, L)
+    gy = grad_out.to(dtype)
+    gb = gy.sum(dim=[0, *range(2, n + 2)]) if need_b else None
+    if not (need_x or need_off or need_mask or need_w):
+        return DeformGrads(None, None, None, None, gb)
+    bases = _base_positions(geo, pos_dtype, x.device)
+    wk = _split_weight(weight, geo, dtype)
+    gw = torch.zeros_like(wk) if need_w else None
+    gx = None
+    position_needs = (need_x, need_off, need_mask, need_w)
+    if geo.sampler == 'gather':
+        table = _gather_table(x, geo, dtype)
+        gy_rows = gy.reshape(B, geo.out_channels, L).transpose(1, 2).reshape(B * L, geo.out_channels)
+        del gy
+        wk_t = wk.transpose(2, 3)  # (K, groups, O/groups, C/groups): output gradient -> sample gradient
+        for k, kk in enumerate(_kernel_positions(geo)):
+            gx = _backward_position_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v, mask_v, mask_logits,
+                                           bases, wk_t, geo, k, kk, pos_dtype, position_needs)
+        del table, gy_rows
+        if need_x:
+            gx = _padded_to_input(gx, geo)
+    else:
+        table = _grid_table(x, geo, dtype)
+        gy_cf = gy.reshape(B, geo.groups, geo.out_channels // geo.groups, L)
+        for k, kk in enumerate(_kernel_positions(geo)):
+            gx = _backward_position_grid(gx, gw, goff_v, gmask_v, gy_cf, table, offset_v, mask_v, mask_logits, bases,
+                                         wk, geo, k, kk, pos_dtype, position_needs)
+        if need_x:
+            gx = gx.reshape(B, geo.channels, *geo.spatial)
+    return DeformGrads(gx, goff, gmask, None if gw is None else _unsplit_weight_grad(gw, geo), gb)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom operators: one opaque node each for torch.compile (the kernel-position loop is not unrolled
+# into the graph: compiling stays fast, with aot_eager as with inductor), autograd through
+# register_autograd (what is saved is what setup_context saves)
+# ------------------------------------------------------------------------------------------------
+def _unused() -> torch.Tensor:
+    """Placeholder for a gradient that was not asked for (custom operators return tensors only)."""
+    return torch.empty(0)
+
+
+def _or_unused(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return _unused() if t is None else t.to(dtype)
+
+
+@torch.library.custom_op('nnunet_ext::deform_conv', mutates_args=())
+def _deform_conv_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                    bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int], sampler: str) -> torch.Tensor:
+    geo = _geometry(x, offset.shape, weight, bias, stride, padding, dilation, None if mask is None else mask.shape,
+                    sampler)
+    with torch.autocast(x.device.type, enabled=False):
+        return deform_forward(x, offset, mask, weight, bias, geo).to(x.dtype)
+
+
+@_deform_conv_op.register_fake
+def _deform_conv_fake(x, offset, mask, weight, bias, stride, padding, dilation, sampler):
+    out = deform_conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], *out))
+
+
+@torch.library.custom_op('nnunet_ext::deform_conv_backward', mutates_args=())
+def _deform_conv_backward_op(grad: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
+                             weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                             dilation: Sequence[int], sampler: str, needs: Sequence[bool],
+                             bias_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """Gradients of input, offset, mask, weight, bias (an empty placeholder where ``needs`` is False)."""
+    geo = _geometry(x, offset.shape, weight, None, stride, padding, dilation, None if mask is None else mask.shape,
+                    sampler)
+    with torch.autocast(x.device.type, enabled=False):
+        g = deform_backward(grad, x, offset, mask, weight, geo, tuple(needs))
+    return (_or_unused(g.input, x.dtype), _or_unused(g.offset, offset.dtype),
+            _or_unused(g.mask, None if mask is None else mask.dtype), _or_unused(g.weight, weight.dtype),
+            _or_unused(g.bias, bias_dtype))
+
+
+@_deform_conv_backward_op.register_fake
+def _deform_conv_backward_fake(grad, x, offset, mask, weight, stride, padding, dilation, sampler, needs, bias_dtype):
+    shapes = (x, offset, mask, weight)
+    out = [t.new_empty(t.shape) if need and t is not None else x.new_empty(0) for t, need in zip(shapes, needs[:4])]
+    out.append(x.new_empty((weight.shape[0],), dtype=bias_dtype) if needs[4] else x.new_empty(0))
+    return tuple(out)
+
+
+def _deform_conv_setup(ctx, inputs, output):
+    x, offset, mask, weight, bias, stride, padding, dilation, sampler = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.args = (list(stride), list(padding), list(dilation), sampler)
+    ctx.bias_dtype = weight.dtype if bias is None else bias.dtype
+
+
+def _deform_conv_autograd(ctx, grad):
+    x, offset, mask, weight = ctx.saved_tensors
+    needs = [bool(b) for b in ctx.needs_input_grad[:5]]
+    grads = torch.ops.nnunet_ext.deform_conv_backward(grad, x, offset, mask, weight, *ctx.args, needs, ctx.bias_dtype)
+    return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
+
+
+_deform_conv_op.register_autograd(_deform_conv_autograd, setup_context=_deform_conv_setup)
+
+
+def deform_conv(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
+                mask: Optional[torch.Tensor] = None, *, sampler: str = 'auto') -> torch.Tensor:
+    """Deformable convolution, 2D or 3D (``n = weight.ndim - 2``), DCNv1 (``mask=None``, Dai et al. Eq. 2)
+    or modulated DCNv2 (``mask`` given, Zhu et al. Eq. 3). Drop-in for ``torchvision.ops.deform_conv2d`` in
+    2D (same arguments, offset layout and sampling rules), extended to 3D.
+
+    Args:
+        input: ``(B, C, H, W)`` or ``(B, C, D, H, W)``.
+        offset: ``(B, n * G * K, *out)`` with ``K = prod(kernel_size)``, ``G`` the number of offset
+            groups (inferred from the channel count; input channel ``c`` uses offset group
+            ``c // (C / G)``) and ``out`` the conv output size (:func:`deform_conv_output_size`).
+            Channel ``n * (g * K + k) + i`` is the offset along axis ``i`` of kernel position ``k``
+            (row-major over the kernel: ``k = ky * kw + kx`` in 2D, ``(kz * kh + ky) * kw + kx`` in 3D)
+            of offset group ``g``; the axes in order: 2D ``(dy, dx)`` = (row, column) exactly as
+            torchvision, 3D ``(dz, dy, dx)``. Offsets are in pixels of the input.
+        weight: ``(O, C / groups, *kernel_size)``; ``groups = C // weight.shape[1]`` as in torchvision.
+        bias: ``(O,)`` or ``None``.
+        stride, padding, dilation: int or tuple of ``n`` ints, as for ``nn.ConvNd``. Padding is zero
+            padding, i.e. sampling positions are shifted by ``-padding`` and outside is zero.
+        mask: ``(B, G * K, *out)`` modulation scalars, channel ``g * K + k``; ``None`` means 1.
+        sampler: ``'auto'`` (``'gather'`` on CPU, ``'grid_sample'`` elsewhere), ``'gather'`` or
+            ``'grid_sample'`` (module docstring); both give the same result.
+
+    Returns:
+        ``(B, O, *out)`` in the input's dtype.
+
+    Sampling rules (torchvision's): the input is read at ``p0 * stride - padding + p_k * dilation +
+    offset``, bilinearly (2D) or trilinearly (3D) interpolated; every neighbouring pixel outside the
+    input counts as zero, so a point at ``-1`` or ``size`` (or beyond) along an axis reads zero. The
+    value is not differentiable with respect to the offset where a coordinate is an integer (kink of
+    the interpolation); the backward then returns the one-sided derivative from above, like torchvision.
+    Positions are formed, and sampling and the contraction run, in at least float32 (half and bfloat16
+    inputs are up-cast inside, also under autocast); offsets and mask may have another floating dtype
+    than the input. Memory: what is kept for backward is the arguments themselves; the largest
+    temporary is one kernel position's samples ``(B, C, *out)`` (module docstring).
+    """
+    if not offset.is_floating_point():
+        raise ValueError(f"offset must be a floating-point tensor, got {offset.dtype}")
+    if mask is not None and not mask.is_floating_point():
+        raise ValueError(f"mask must be a floating-point tensor, got {mask.dtype}")
+    geo = _geometry(input, offset.shape, weight, bias, stride, padding, dilation,
+                    None if mask is None else mask.shape, sampler)
+    return torch.ops.nnunet_ext.deform_conv(input, offset, mask, weight, bias, list(geo.stride),
+                                            list(geo.padding), list(geo.dilation), geo.sampler)
 
 
 class DeformableConv(nn.Module):
@@ -206,6 +735,7 @@ class DeformableConv(nn.Module):
         offset_groups: number of channel groups with their own offsets (and mask); must divide
             ``in_channels``.
         ndim: 2 or 3.
+        sampler: see :func:`deform_conv` (``'auto'``: gather on CPU, grid_sample elsewhere).
 
     Weight and bias are initialised as ``nn.ConvNd`` does (``kaiming_uniform_(a=sqrt(5))``, bias
     uniform in ``+-1/sqrt(fan_in)``), consuming the random generator in the same order.
@@ -213,7 +743,7 @@ class DeformableConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple, stride: IntOrTuple = 1,
                  padding: IntOrTuple = 0, dilation: IntOrTuple = 1, groups: int = 1, offset_groups: int = 1,
-                 bias: bool = True, ndim: int = 2, device=None, dtype=None):
+                 bias: bool = True, ndim: int = 2, device=None, dtype=None, sampler: str = 'auto'):
         super().__init__()
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 or 3, got {ndim!r}")
@@ -226,6 +756,8 @@ class DeformableConv(nn.Module):
                              f"divisible by groups ({groups})")
         if in_channels % offset_groups:
             raise ValueError(f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.ndim = ndim
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -235,6 +767,7 @@ class DeformableConv(nn.Module):
         self.dilation = _tuple(dilation, ndim, 'dilation', 1)
         self.groups = groups
         self.offset_groups = offset_groups
+        self.sampler = sampler
         factory = {'device': device, 'dtype': dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -248,6 +781,10 @@ class DeformableConv(nn.Module):
             if fan_in:
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(self.bias, -bound, bound)
+
+    def weight_and_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The kernel and bias this layer convolves with (:class:`SharedKernelSlice` has the same method)."""
+        return self.weight, self.bias
 
     @property
     def kernel_numel(self) -> int:
@@ -281,7 +818,8 @@ class DeformableConv(nn.Module):
         if mask is not None and (mask.ndim != self.ndim + 2 or mask.shape[1] != self.mask_channels):
             raise ValueError(f"mask must have {self.mask_channels} channels (offset_groups {self.offset_groups} * "
                              f"kernel {self.kernel_numel}) and shape (B, C, *out), got {tuple(mask.shape)}")
-        return deform_conv(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+        return deform_conv(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
+                           sampler=self.sampler)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -292,4 +830,6 @@ class DeformableConv(nn.Module):
             s += f", offset_groups={self.offset_groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.sampler != 'auto':
+            s += f", sampler={self.sampler!r}"
         return s

@@ -29,13 +29,18 @@ Scores (2D as in the paper; 3D is our extension, the paper's "future work"):
   level; a sample whose values are all equal has every pair in level (0, 0).
   3D: 3x3x3 windows, the mean of the 26 other values, normalised by ``(D + 2)(H + 2)(W + 2)``.
 
-Vectorised: one depthwise convolution (curvature); one average pooling, one sort of the
-(sample, channel, i, j) keys (``torch.unique``) and one ``index_add_`` over the occupied histogram
-cells (entropy), so its cost and memory grow with the number of feature values, not with the
-``B * C * 65536`` cells of the dense histograms; no Python loop over samples or channels.
+Vectorised, with static shapes and no host-device synchronisation (``torch.compile(fullgraph=True)``
+captures them in one graph; DDP without ``find_unused_parameters`` needs that): one depthwise
+convolution with a constant kernel buffer (curvature); one average pooling, one sort of each
+(sample, channel)'s ``i * 256 + j`` keys and a run-length count of equal keys (entropy), so its cost and
+memory grow with the number of feature values, not with the ``B * C * 65536`` cells of dense
+histograms; no Python loop over samples or channels, no ``unique``/``nonzero``. Scores are computed
+in float32 (float64 inputs stay float64) with autocast disabled, so a network trained under fp16 or
+bf16 autocast selects the channels that float32 arithmetic selects for the same features.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -69,55 +74,99 @@ def _check_features(x: torch.Tensor) -> int:
     return x.ndim - 2
 
 
+def _scoring_input(x: torch.Tensor) -> torch.Tensor:
+    """The features to score: detached, at least float32 (fp16/bf16 features of a network under
+    autocast are up-cast; float64 stays float64). Call under ``_full_precision(x)``."""
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _full_precision(x: torch.Tensor):
+    """Autocast off on ``x``'s device: under autocast a convolution would cast the up-cast features
+    back to fp16/bf16 and the scores, hence the selected channels, would depend on the precision.
+    (No-op on devices without autocast, e.g. ``meta``.)"""
+    if torch.amp.is_autocast_available(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _spatial_size(shape, extra: int = 0) -> int:
+    """``prod(s + extra for s in shape)`` as a plain int (traceable by ``torch.compile``)."""
+    size = 1
+    for s in shape:
+        size *= s + extra
+    return size
+
+
 class CurvatureScore(nn.Module):
-    """Per sample, per channel ``sum |K * x|`` over valid positions (Eq. 1): ``(B, C, *s) -> (B, C)``."""
+    """Per sample, per channel ``sum |K * x|`` over valid positions (Eq. 1): ``(B, C, *s) -> (B, C)``.
+
+    The kernels ``K`` (2D) and ``K3`` (3D) are non-persistent buffers: they follow the network's
+    device without a copy per call and are not part of its ``state_dict``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('kernel_2d', curvature_kernel(2), persistent=False)
+        self.register_buffer('kernel_3d', curvature_kernel(3), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ndim = _check_features(x)
-        with torch.no_grad():
-            x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+        with torch.no_grad(), _full_precision(x):
+            x = _scoring_input(x)
             thin = [1 if s < 3 else 0 for s in x.shape[2:]]
             if any(thin):  # F.pad lists the last axis first
                 x = F.pad(x, [p for t in reversed(thin) for p in (t, t)], mode='replicate')
             C = x.shape[1]
-            kernel = curvature_kernel(ndim, x.dtype).to(x.device).expand(C, 1, *([3] * ndim))
+            kernel = self.kernel_2d if ndim == 2 else self.kernel_3d
+            # a no-op when the module lives where x does (K's entries are exact in any float dtype)
+            kernel = kernel.to(device=x.device, dtype=x.dtype).expand(C, 1, *([3] * ndim))
             conv = F.conv2d if ndim == 2 else F.conv3d
             return conv(x, kernel, groups=C).abs().flatten(2).sum(2)
 
 
 class EntropyScore(nn.Module):
     """Per sample, per channel 2D information entropy of (centre, neighbour mean) pairs (Eq. 2,
-    Algorithm 1; see the module docstring): ``(B, C, *s) -> (B, C)``, in bits."""
+    Algorithm 1; see the module docstring): ``(B, C, *s) -> (B, C)``, in bits.
+
+    With ``n`` the count of histogram cell ``(i, j)`` of a channel, ``N`` its number of values and
+    ``Z = prod(s + 2)`` (Algorithm 1's padded size), Eq. 2 is
+    ``E = -sum n/Z log2(n/Z) = (N log2 Z - sum_cells n log2 n) / Z``. The counts come from static
+    shapes only: each channel's keys ``i * 256 + j`` are sorted; in the sorted row a cell is a run of
+    equal keys, and at the last element of a run its count is ``position - run start + 1`` (run start:
+    the cumulative maximum of the positions where a new key begins).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ndim = _check_features(x)
-        with torch.no_grad():
-            x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+        with torch.no_grad(), _full_precision(x):
+            x = _scoring_input(x)
             B, C = x.shape[:2]
             pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
             window = 3 ** ndim
             centre = x
             neighbours = (pool(F.pad(x, [1, 1] * ndim), 3, 1) * window - x) / (window - 1)  # zero padding
+            # 256 levels over the sample's [min, max] of all its centres and neighbour means
             lo = torch.minimum(centre.flatten(1).amin(1), neighbours.flatten(1).amin(1)).view(B, 1, *([1] * ndim))
             hi = torch.maximum(centre.flatten(1).amax(1), neighbours.flatten(1).amax(1)).view(B, 1, *([1] * ndim))
             scale = ENTROPY_LEVELS / (hi - lo)
             scale = torch.where(hi > lo, scale, torch.zeros_like(scale))
 
             def level(v):
-                return ((v - lo) * scale).floor_().clamp_(0, ENTROPY_LEVELS - 1).long()
+                return ((v - lo) * scale).floor_().clamp_(0, ENTROPY_LEVELS - 1).to(torch.int32)
 
-            cells = ENTROPY_LEVELS ** 2
-            group = torch.arange(B * C, device=x.device).view(B, C, *([1] * ndim)) * cells
-            keys = (group + level(centre) * ENTROPY_LEVELS + level(neighbours)).flatten()
-            # the sparse joint histogram: counts of the occupied (channel, i, j) cells only
-            occupied, counts = torch.unique(keys, return_counts=True)
-            counts = counts.to(torch.float32)
-            n_log_n = torch.zeros(B * C, dtype=torch.float32, device=x.device)
-            n_log_n.index_add_(0, occupied // cells, counts * counts.log2())
-            total = math.prod(x.shape[2:])
-            padded = math.prod(s + 2 for s in x.shape[2:])
+            total = _spatial_size(x.shape[2:])
+            padded = _spatial_size(x.shape[2:], 2)
+            keys = (level(centre) * ENTROPY_LEVELS + level(neighbours)).view(B, C, total)
+            keys = keys.sort(dim=-1).values
+            differs = keys[..., 1:] != keys[..., :-1]  # (B, C, N - 1): a new cell begins at p + 1
+            edge = torch.ones_like(keys[..., :1], dtype=torch.bool)
+            run_end = torch.cat((differs, edge), -1)
+            position = torch.arange(total, dtype=torch.int32, device=x.device)
+            run_start = torch.where(torch.cat((edge, differs), -1), position, 0).cummax(-1).values
+            counts = (position - run_start + 1).to(torch.float32)
+            n_log_n = torch.where(run_end, counts * counts.log2(), 0.0).sum(-1)
             # -sum (n/Z) log2(n/Z) = (total * log2 Z - sum n log2 n) / Z
-            return ((total * math.log2(padded) - n_log_n) / padded).view(B, C)
+            return (total * math.log2(padded) - n_log_n) / padded
 
 
 class InstructiveFeatureEnhancement(nn.Module):

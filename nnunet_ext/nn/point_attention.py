@@ -101,10 +101,13 @@ def scatter_points(values: torch.Tensor, indices: torch.Tensor, spatial_shape: S
 
 def voxel_centres(indices: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
     """(B, N, d) coordinates in [0, 1] of the centres of the flat voxel ``indices`` (B, N), in the
-    convention of :mod:`nnunet_ext.losses.uncertain_points` (voxel ``i`` at ``(i + 0.5) / size``)."""
-    unravelled = torch.unravel_index(indices, tuple(spatial_shape))
-    size = torch.tensor(spatial_shape, dtype=torch.float32, device=indices.device)
-    return (torch.stack(unravelled, -1).float() + 0.5) / size
+    convention of :mod:`nnunet_ext.losses.uncertain_points` (voxel ``i`` at ``(i + 0.5) / size``).
+    Integer arithmetic with Python sizes: no tensor is built from the shape (no host-to-device copy)."""
+    coords, rest = [], indices
+    for size in reversed(tuple(int(s) for s in spatial_shape)):
+        coords.append((torch.remainder(rest, size).float() + 0.5) / size)
+        rest = torch.div(rest, size, rounding_mode='floor')
+    return torch.stack(coords[::-1], -1)
 
 
 class PointAttentionBranch(nn.Module):

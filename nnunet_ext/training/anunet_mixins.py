@@ -92,20 +92,25 @@ class HybridLossMixin(DeepSupervisedLossMixin):
     """The hybrid loss of Eq. 8 (focal-style BCE + soft Dice) on every head, equal head weights.
 
     Labels: softmax, foreground classes one-vs-rest; regions: sigmoid per region (the paper's binary
-    case). The ignore label (or nnU-Net's ignore channel with regions) masks both terms. Class
-    attributes: ``hybrid_alpha`` (0.25), ``hybrid_gamma`` (2), ``hybrid_margin`` (0.05),
-    ``hybrid_smooth`` (1).
+    case). The ignore label (or nnU-Net's ignore channel with regions) masks both terms. The Dice is
+    the plans' ``batch_dice``, over the global batch under DDP (``ddp=self.is_ddp``, as nnU-Net's own
+    Dice). Class attributes: ``hybrid_alpha`` (0.25), ``hybrid_gamma`` (2), ``hybrid_margin`` (0.05),
+    ``hybrid_smooth`` (1), ``hybrid_bce_normalization`` (``'weights'``: the modulated BCE as a weighted
+    mean, on the Dice term's scale; ``'voxels'``: Eq. 8's literal mean over voxels, ~200x the Dice
+    term at initialisation; see ``nnunet_ext.losses.hybrid``).
     """
 
     hybrid_alpha: float = 0.25
     hybrid_gamma: float = 2.0
     hybrid_margin: float = 0.05
     hybrid_smooth: float = 1.0
+    hybrid_bce_normalization: str = 'weights'
 
     def _build_output_loss(self) -> nn.Module:
         lm = self.label_manager
         hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=self.hybrid_alpha,
                             gamma=self.hybrid_gamma, margin=self.hybrid_margin, smooth=self.hybrid_smooth,
-                            batch_dice=self.configuration_manager.batch_dice)
+                            batch_dice=self.configuration_manager.batch_dice,
+                            bce_normalization=self.hybrid_bce_normalization, ddp=self.is_ddp)
         return NNUNetTargetHybridLoss(hybrid, ignore_label=None if lm.has_regions else lm.ignore_label,
                                       has_ignore_channel=lm.has_regions and lm.ignore_label is not None)

@@ -60,16 +60,21 @@ class GODCLossMixin(DeepSupervisedLossMixin):
 
     Class attributes to override in a subclass: ``godc_exponent`` (1 paper, 2 aggressive
     variant), ``godc_weight_ce`` (weight of the CE/BCE term; 0 gives GODC alone),
-    ``godc_weight_dice``. The ignore label is handled by nnU-Net's compound losses (mask passed
-    to GODC as ``loss_mask``); GODC is per sample whatever the plans' ``batch_dice``.
+    ``godc_weight_dice``, ``godc_empty_gradient`` (True: on a sample without the class the union
+    weight carries its gradient, a false-positive term of the same scale as GODC's gradient on
+    samples with the class; False: the weight is detached everywhere, such samples get no Dice
+    gradient). The ignore label is handled by nnU-Net's compound losses (mask passed to GODC as
+    ``loss_mask``); GODC is per sample whatever the plans' ``batch_dice``.
     """
 
     godc_exponent: float = 1.0
     godc_weight_ce: float = 1.0
     godc_weight_dice: float = 1.0
+    godc_empty_gradient: bool = True
 
     def _build_output_loss(self) -> nn.Module:
-        godc_kwargs = {'smooth': 1e-5, 'ddp': self.is_ddp, 'exponent': self.godc_exponent}
+        godc_kwargs = {'smooth': 1e-5, 'ddp': self.is_ddp, 'exponent': self.godc_exponent,
+                       'empty_gradient': self.godc_empty_gradient}
         if self.label_manager.has_regions:
             loss = DC_and_BCE_loss({}, {**godc_kwargs, 'do_bg': True},
                                    weight_ce=self.godc_weight_ce, weight_dice=self.godc_weight_dice,
@@ -85,6 +90,14 @@ class GODCLossMixin(DeepSupervisedLossMixin):
 
 
 class GODCOnlyLossMixin(GODCLossMixin):
-    """GODC alone, without the cross-entropy term: the paper's training loss."""
+    """GODC alone, without the cross-entropy term: the paper's training loss (Eq. 8).
+
+    Without CE, background-only patches (a third or more of nnU-Net's patches) get their gradient
+    from GODC alone. A class absent from a sample has ``DC = smooth / (sum P + smooth) ~ 0`` with no
+    gradient (Eq. 7: the Dice gradient on a false positive scales with the IoU, 0 there); GODC's
+    ``empty_gradient`` (on by default, ``godc_empty_gradient``) lets the union weight ``U / mean U =
+    sum P / mean U`` carry the gradient on those samples, so their false positives are pushed down at
+    the same scale as GODC's gradient on samples with foreground (``nnunet_ext.losses.godc``).
+    """
 
     godc_weight_ce: float = 0.0

@@ -56,11 +56,15 @@ class MLNLossMixin(StructuralLossMixin):
 
     Class attributes: ``mll_schedule`` (an :class:`~nnunet_ext.losses.mln.MLNSchedule`: alpha 1, beta =
     gamma = 0 before epoch 12, then 1; ``MLNSchedule(epochs_per_step=k)`` stretches it to nnU-Net's
-    shorter epochs), ``mln_distance_scale`` (millimetres per unit of the boundary head; 1 = Eq. 12 as
+    shorter epochs), ``mln_distance_normalization`` (``'mean'``, the default: Phi divided per sample and
+    class by its mean magnitude over the patch, unit-free and balanced against the region term;
+    ``'max'``; ``None``: the literal Eq. 12 in millimetres, see :mod:`nnunet_ext.losses.mln`),
+    ``mln_distance_scale`` (literal form only: millimetres per unit of the boundary head; 1 = Eq. 12 as
     written).
     """
 
     mll_schedule = MLNSchedule()
+    mln_distance_normalization = 'mean'
     mln_distance_scale: float = 1.0
 
     def _build_loss(self):
@@ -74,7 +78,8 @@ class MLNLossMixin(StructuralLossMixin):
                              f"only its fused prediction (its inference contract), not the branches the loss needs")
         return MLNLoss(self._build_output_loss(), ignore_label=lm.ignore_label,
                        deep_supervision_weights=self._deep_supervision_weights(),
-                       distance_loss=SignedDistanceRegressionLoss(self.mln_distance_scale),
+                       distance_loss=SignedDistanceRegressionLoss(self.mln_distance_normalization,
+                                                                   self.mln_distance_scale),
                        keep_zero_weight_terms=self.is_ddp)  # DDP: every parameter needs a gradient
 
     def on_train_epoch_start(self):

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from nnunet_ext.training.memory_check import DEFAULT_THRESHOLD, check_memory_target
+
 TRAINING_LENGTH_VARIABLES = {
     'nnUNet_ext_num_epochs': 'num_epochs',
     'nnUNet_ext_num_iterations_per_epoch': 'num_iterations_per_epoch',
@@ -42,7 +44,13 @@ def training_length_overrides(environ=os.environ) -> dict:
 
 class TrainingLengthFromEnvMixin:
     """Applies ``training_length_overrides()`` right after nnU-Net's ``__init__`` (before the
-    learning-rate schedule is built, which depends on ``num_epochs``)."""
+    learning-rate schedule is built, which depends on ``num_epochs``), and, once at training start,
+    checks the built network against the memory its plans were sized for
+    (:func:`nnunet_ext.training.memory_check.check_memory_target`: a warning in the training log and
+    on stderr, naming the planner to run, when it needs more than ``memory_check_threshold`` times
+    that; ``None`` turns the check off). Every trainer of this package includes this mixin."""
+
+    memory_check_threshold = DEFAULT_THRESHOLD
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -53,3 +61,8 @@ class TrainingLengthFromEnvMixin:
             setattr(self, attribute, value)
         if overrides:
             self.print_to_log_file(f"nnunet-ext: training length from environment: {overrides}")
+
+    def on_train_start(self):
+        super().on_train_start()  # nnU-Net's: initialize() (builds the network), data loaders, plans printed
+        if self.memory_check_threshold is not None:
+            check_memory_target(self, self.memory_check_threshold)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import List
 
+from nnunet_ext.losses.boundary import BoundaryLoss
 from nnunet_ext.losses.schedules import PaperSchedule
 from nnunet_ext.losses.structural import StructuralLoss
 from nnunet_ext.losses.uncertain_points import UncertainPointLoss
@@ -29,6 +30,10 @@ class StructuralLossMixin(DeepSupervisedLossMixin):
         mll_boundary_term, mll_point_term: include the term (ablations switch one off).
         mll_num_points: N points per sample (``None``: ``mll_point_fraction`` of the patch voxels).
         mll_point_fraction, mll_oversample_ratio (k), mll_importance_ratio (m).
+        mll_distance_normalization: scale of Phi in the boundary term (``'mean'``, the default: divided
+            per sample and class by its mean magnitude over the patch, so the term is unit-free, in
+            [-1, 1] and balanced against the region term; ``'max'``; ``None``: the paper's and
+            Kervadec's literal ``mean(P Phi)`` in millimetres). See :mod:`nnunet_ext.losses.boundary`.
     """
 
     mll_schedule = PaperSchedule()
@@ -38,6 +43,7 @@ class StructuralLossMixin(DeepSupervisedLossMixin):
     mll_point_fraction: float = 1 / 16
     mll_oversample_ratio: float = 3.0
     mll_importance_ratio: float = 0.75
+    mll_distance_normalization = 'mean'
 
     # --- loss -------------------------------------------------------------------------------------------------
     def _label_channels(self) -> int:
@@ -56,7 +62,8 @@ class StructuralLossMixin(DeepSupervisedLossMixin):
                               ignore_label=None if use_sigmoid else lm.ignore_label,
                               has_ignore_channel=use_sigmoid and lm.ignore_label is not None,
                               deep_supervision_weights=weights,
-                              boundary_loss=None if self.mll_boundary_term else False, point_loss=point)
+                              boundary_loss=BoundaryLoss(use_sigmoid, self.mll_distance_normalization)
+                              if self.mll_boundary_term else False, point_loss=point)
 
     # --- data: signed distance maps appended to every target -------------------------------------------------
     def _distance_transform(self) -> SignedDistanceTransform:

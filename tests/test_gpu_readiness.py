@@ -1,0 +1,171 @@
+"""Every network and loss of ours under nnU-Net's CUDA defaults, with CPU stand-ins (issue: GPU-ready).
+
+* one graph: ``torch.compile(fullgraph=True)``, 2D and 3D, training and inference mode;
+* ``DDP(compiled network, find_unused_parameters=False)`` over gloo with two processes, the loss as
+  nnU-Net builds it on CUDA (lowest deep-supervision weight 0): every parameter gets a gradient in
+  every step, and where the loss is global (nnU-Net's batch Dice, GODC's union normalisation, the
+  hybrid loss's batch Dice) the gradients equal one process on the concatenated batch;
+* no host-device synchronisation in forward, loss or backward (a trap on the calls that wait);
+* mixed precision: forward and backward under CPU autocast (float16 and bfloat16) are finite.
+
+The trainers, plans and batches are in ``gpu_readiness_helpers.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import gpu_readiness_helpers as h
+from ddp_gpu_readiness_worker import STEPS, worker
+
+# losses whose value is a mean of per-sample terms with batch statistics made global: under DDP, the
+# averaged gradients equal those of one process on the whole batch (nnU-Net's Dice all-gathers its sums)
+GLOBAL_LOSS_TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTrainerGODCLFAM',
+                        'nnUNetTrainerLFAMResEnc', 'nnUNetTrainerLFAMShared', 'nnUNetTrainerIFECurvature',
+                        'nnUNetTrainerGODCIFEEntropy', 'nnUNetTrainerANUNet', 'nnUNetTrainerUNetPlusPlus',
+                        'nnUNetTrainerResUNet', 'nnUNetTrainerResUNetGODCLFAM')
+# the multi-level trainers draw random points (Eq. 10's PointRend sampling): different draws per process
+
+
+@pytest.fixture(scope='module')
+def nnunet_folders(tmp_path_factory):
+    """nnU-Net's trainers need the three folders set (nothing is written there by these tests)."""
+    root = tmp_path_factory.mktemp('gpu_readiness')
+    environ = {k: str(root / k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    with pytest.MonkeyPatch.context() as patch:
+        for k, v in environ.items():
+            patch.setenv(k, v)
+        yield environ
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        yield
+
+
+def test_ddp_two_processes_every_parameter_gets_a_gradient(nnunet_folders, tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(2, str(tmp_path / 'init'), '2d', h.TRAINERS, nnunet_folders, results), nprocs=2,
+             join=True)
+    failures = {name: results[(rank, name)]['error'] for rank in (0, 1) for name in h.TRAINERS
+                if 'error' in results[(rank, name)]}
+    assert not failures, '\n\n'.join(f'{name}:\n{tb}' for name, tb in failures.items())
+    for name in h.TRAINERS:
+        for rank in (0, 1):
+            out = results[(rank, name)]
+            assert out['missing'] == [[]] * STEPS, f'{name}: parameters without gradient: {out["missing"]}'
+            assert all(torch.isfinite(torch.tensor(out['losses']))), (name, out['losses'])
+        if name in GLOBAL_LOSS_TRAINERS:
+            out = results[(0, name)]
+            expected = single_process_gradients(name, out['initial'], out['batch'])
+            assert set(expected) <= set(out['grads'])
+            for key in set(out['grads']) - set(expected):  # the zero-weight head: eager skips it
+                assert not out['grads'][key].any(), f'{name} {key}: a zero-weight head got a non-zero gradient'
+            for key, grad in expected.items():
+                torch.testing.assert_close(out['grads'][key], grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f'{name} {key}: DDP gradient != one process: {m}')
+
+
+def single_process_gradients(name: str, state: dict, batch: dict) -> dict:
+    """The oracle: one process (no DDP, not compiled) on the whole batch, the same loss as nnU-Net builds it."""
+    trainer, network, loss = h.build(name, '2d', compile_network=False)
+    assert not trainer.is_ddp
+    network.load_state_dict(state)
+    h.forward_loss(network, loss, batch).backward()
+    return {n: p.grad for n, p in network.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('configuration', ['2d', '3d_fullres'])
+@pytest.mark.parametrize('name', h.TRAINERS)
+def test_one_graph_in_training_and_inference(nnunet_folders, name, configuration):
+    """``fullgraph=True`` fails on any graph break. Training mode on ``aot_eager`` (traces the backward too;
+    2D training is the DDP test's), inference mode (``network.eval()``, deep supervision off as nnU-Net's
+    predictor builds it) on dynamo alone; the outputs equal the eager network's."""
+    torch.manual_seed(0)
+    trainer, network, loss = h.build(name, configuration, compile_network=False)
+    batch = h.make_batch(trainer)
+    if configuration != '2d':
+        compiled = h.aot_eager_compile(network, fullgraph=True)
+        h.forward_loss(compiled, loss, batch).backward()
+        assert h.parameters_without_gradient(network) == []  # the zero-weight head gets a zero gradient
+
+    predictor_network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1,
+                                                           trainer.label_manager.num_segmentation_heads, False)
+    predictor_network.load_state_dict(network.state_dict())
+    predictor_network.eval()
+    with torch.no_grad():
+        expected = predictor_network(batch['data'])
+        got = torch.compile(predictor_network, backend='eager', fullgraph=True)(batch['data'])
+    torch.testing.assert_close(got, expected)
+
+
+class HostDeviceSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def trap_host_device_sync():
+    """Raises on the calls that make a CUDA host wait for the device (or copy a Python list to it):
+    ``bool(tensor)``, ``.item()``, ``.tolist()``, ``int()``/``float()`` of a tensor, ``nonzero``/``unique``
+    (data-dependent sizes) and ``torch.tensor(data)`` (a host-to-device copy per call)."""
+    def trap(what):
+        def raiser(*args, **kwargs):
+            raise HostDeviceSync(f'{what} in a forward, loss or backward waits for the device')
+        return raiser
+
+    patches = [(torch.Tensor, '__bool__'), (torch.Tensor, 'item'), (torch.Tensor, 'tolist'),
+               (torch.Tensor, '__int__'), (torch.Tensor, '__float__'), (torch.Tensor, '__index__'),
+               (torch.Tensor, 'nonzero'), (torch.Tensor, 'unique'), (torch, 'nonzero'), (torch, 'unique'),
+               (torch, 'tensor')]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr in patches]
+    try:
+        for owner, attr in patches:
+            setattr(owner, attr, trap(f'{getattr(owner, "__name__", owner)}.{attr}'))
+        yield
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
+@pytest.mark.parametrize('configuration', ['2d', '3d_fullres'])
+@pytest.mark.parametrize('name', h.TRAINERS)
+def test_no_host_device_sync_in_a_training_step(nnunet_folders, name, configuration):
+    torch.manual_seed(0)
+    trainer, network, loss = h.build(name, configuration, compile_network=False)
+    batch = h.make_batch(trainer)
+    h.forward_loss(network, loss, batch).backward()  # the first call compiles nnU-Net's loss.dc (not a step)
+    with trap_host_device_sync():
+        value = h.forward_loss(network, loss, batch)
+        value.backward()
+    assert torch.isfinite(value)
+
+
+def test_the_trap_catches_a_sync():
+    with pytest.raises(HostDeviceSync):
+        with trap_host_device_sync():
+            bool(torch.ones(1) > 0)
+    with pytest.raises(HostDeviceSync):
+        with trap_host_device_sync():
+            torch.ones(3).sum().item()
+    assert bool(torch.ones(1) > 0)  # restored
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['float16', 'bfloat16'])
+@pytest.mark.parametrize('configuration', ['2d', '3d_fullres'])
+@pytest.mark.parametrize('name', h.TRAINERS)
+def test_mixed_precision_is_finite(nnunet_folders, name, configuration, dtype):
+    torch.manual_seed(0)
+    trainer, network, loss = h.build(name, configuration, compile_network=False)
+    batch = h.make_batch(trainer)
+    with torch.autocast('cpu', dtype=dtype):
+        value = h.forward_loss(network, loss, batch)
+    assert torch.isfinite(value), f'{name}: loss {value} under {dtype} autocast'
+    value.backward()
+    bad = [n for n, p in network.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f'{name}: non-finite gradients under {dtype} autocast: {bad[:5]}'
