@@ -48,8 +48,11 @@ class LFAMUNetDecoder(SkipTransformingUNetDecoder):
         return self.alignments[s](skip, up)
 
     def compute_conv_feature_map_size(self, input_size):
-        """nnU-Net's estimate plus, per level, the offset/mask prediction, the sampled
-        (im2col) tensor of the deformable convolution and its output."""
+        """nnU-Net's decoder estimate plus, per level, LFAM's own
+        (:meth:`LateralFeatureAlignment.compute_conv_feature_map_size`: what it keeps for backward and its
+        largest temporary, in elements), halved: nnU-Net's estimate counts one map per conv-norm-nonlin
+        block, which keeps two for backward, and its planner's reference values are calibrated on that
+        proxy (the convention of ``nnunet_ext.architectures.resunet._kept``)."""
         total = super().compute_conv_feature_map_size(input_size)
         size = list(input_size)
         level_sizes = []
@@ -57,10 +60,7 @@ class LFAMUNetDecoder(SkipTransformingUNetDecoder):
             size = [i // j for i, j in zip(size, stride)]
             level_sizes.append(size)
         for s, alignment in enumerate(self.alignments):
-            voxels = int(torch.tensor(level_sizes[-(s + 2)]).prod())
-            channels = alignment.deform.in_channels
-            predicted = alignment.offset_predictor.out_channels
-            total += voxels * (predicted + channels * alignment.deform.kernel_numel + channels)
+            total += alignment.compute_conv_feature_map_size(level_sizes[-(s + 2)]) // 2
         return total
 
 

@@ -339,13 +339,12 @@ class LFAMPreActResUNetDecoder(PreActResUNetDecoder):
         return self.alignments[s](skip, up)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """The ResUNet decoder's estimate plus, per level, the predicted offsets/mask, the sampled (im2col)
-        tensor of the deformable convolution and its output (as ``LFAMUNetDecoder``)."""
+        """The ResUNet decoder's estimate plus, per level, LFAM's own
+        (:meth:`LateralFeatureAlignment.compute_conv_feature_map_size`: what it keeps for backward and its
+        largest temporary, in elements) converted to nnU-Net's unit with :func:`_kept`."""
         total = super().compute_conv_feature_map_size(input_size)
         for size, alignment in zip(self.skip_sizes(input_size), self.alignments):
-            channels = alignment.deform.in_channels
-            total += _voxels(alignment.offset_predictor.out_channels + channels * alignment.deform.kernel_numel
-                             + channels, size)
+            total += _kept(alignment.compute_conv_feature_map_size(size))
         return total
 
 

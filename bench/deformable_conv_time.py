@@ -5,7 +5,9 @@ relative to a plain ``nn.Conv2d`` / ``nn.Conv3d`` of the same shape, and to ``to
 Each step is ``y = op(x, ...); y.backward(g)`` with ``x`` (and, for the deformable ops, random offsets in
 [-2, 2] pixels and a random modulation mask) requiring gradients, so the backward computes the gradients
 of input, offsets, mask, weight and bias. Ops are timed round by round, alternating the order, so drifts
-of the machine hit all alike; one warm-up round is dropped. Prints a Markdown table.
+of the machine hit all alike; one warm-up round is dropped. Prints a Markdown table, with what
+``DeformableConv`` keeps for backward beyond its arguments (unique storages seen by
+``torch.autograd.graph.saved_tensors_hooks``; input, offsets, mask and parameters excluded).
 
     python bench/deformable_conv_time.py                       # CPU, default shapes, ~1-2 min on 2 cores
     python bench/deformable_conv_time.py --device cuda --rounds 50
@@ -75,6 +77,29 @@ def _steps(name: str, device: torch.device, tv_op):
     return steps
 
 
+def saved_beyond_arguments(name: str, device: torch.device) -> int:
+    """Bytes ``DeformableConv`` saves for backward that are not its arguments (input, offset, mask,
+    weight, bias): e.g. an im2col tensor kept by autograd."""
+    ndim, batch, cin, cout, k, spatial = CASES[name]
+    dc = DeformableConv(cin, cout, k, padding=k // 2, ndim=ndim).to(device)
+    out = dc.output_size(spatial)
+    x = torch.randn(batch, cin, *spatial, device=device, requires_grad=True)
+    offset = torch.zeros(batch, dc.offset_channels, *out, device=device, requires_grad=True)
+    mask = torch.ones(batch, dc.mask_channels, *out, device=device, requires_grad=True)
+    arguments = {t.untyped_storage().data_ptr() for t in (x, offset, mask, dc.weight, dc.bias)}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in arguments:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dc(x, offset, mask)
+    return sum(kept.values())
+
+
 def measure(name: str, device: torch.device, rounds: int, tv_op) -> dict:
     steps = _steps(name, device, tv_op)
     times = {label: [] for label in steps}
@@ -119,17 +144,19 @@ def main(argv=None) -> None:
     print(f"forward+backward, median of {args.rounds} rounds (after 1 warm-up); offsets uniform in [-2, 2] px, "
           f"random mask, padding k//2, float32\n")
     print("| case | input (B, C, *spatial) -> C_out, kernel | im2col MiB | conv ms | DeformableConv ms | "
-          "ratio DeformableConv / conv | torchvision ms | ratio torchvision / DeformableConv |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ratio DeformableConv / conv | torchvision ms | ratio torchvision / DeformableConv | "
+          "DeformableConv keeps beyond its arguments MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.cases:
         ndim, batch, cin, cout, k, spatial = CASES[name]
         t = measure(name, device, args.rounds, tv_op)
         mib = batch * cin * k ** ndim * math.prod(spatial) * 4 / 2 ** 20
         tv = (f"{1e3 * t['torchvision']:.1f} | {t['torchvision'] / t['DeformableConv']:.2f}"
               if 'torchvision' in t else ('n/a (3D) | -' if ndim == 3 else 'n/a | -'))
+        kept = saved_beyond_arguments(name, device) / 2 ** 20
         print(f"| {name} | ({batch}, {cin}, {', '.join(map(str, spatial))}) -> {cout}, {k}^{ndim} | {mib:.0f} | "
               f"{1e3 * t['conv']:.1f} | {1e3 * t['DeformableConv']:.1f} | {t['DeformableConv'] / t['conv']:.1f} | "
-              f"{tv} |", flush=True)
+              f"{tv} | {kept:.0f} |", flush=True)
 
 
 if __name__ == '__main__':

@@ -9,8 +9,11 @@ DCNv2 of Zhu et al. 2019), against independent oracles:
 * a naive Python loop with bilinear / trilinear sampling written here (torchvision's rules: zero outside,
   a point at -1 or ``size`` reads zero), random offsets reaching outside the image, random mask, groups
   and offset groups.
-* ``torch.autograd.gradcheck`` (input, offsets, mask, weight, bias; 2D and 3D).
+* ``torch.autograd.gradcheck`` (input, offsets, mask, weight, bias; 2D and 3D, groups and offset groups).
 * ``torchvision.ops.deform_conv2d`` (values and gradients) when it runs here.
+
+Both samplers (``'gather'``: embedding-bag gathers and a sorted transposed bag, the CPU default;
+``'grid_sample'``: ``F.grid_sample`` and its aten backward, the default elsewhere) meet the oracles.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.nn.deformable_conv import DeformableConv, deform_conv, deform_conv_output_size
+from nnunet_ext.nn.lateral_alignment import SharedKernelSlice
+
+SAMPLERS = ['gather', 'grid_sample']
 
 F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-10)
@@ -273,7 +279,8 @@ NAIVE_CASES = [  # spatial, cin, cout, kernel, groups, offset_groups, stride, pa
 
 
 @pytest.mark.parametrize('case', NAIVE_CASES, ids=lambda c: f"{len(c[0])}d-{c}")
-def test_random_offsets_match_naive_loop(case):
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_random_offsets_match_naive_loop(case, sampler):
     spatial, cin, cout, kernel, groups, og, stride, padding, dilation, with_mask = case
     x, off, w, b, m = _problem(spatial, cin, cout, kernel, groups, og, stride, padding, dilation, seed=7,
                                offset_range=3.0)
@@ -283,7 +290,7 @@ def test_random_offsets_match_naive_loop(case):
     off[(0, 0) + (0,) * n] = -1.0 + pad0  # kernel position 0 samples row -1: zero
     off[(0, n) + (0,) * n] = spatial[0] - 0.5 + pad0  # position 1 samples row size - 0.5: half the last row
     mask = m if with_mask else None
-    got = deform_conv(x, off, w, b, stride, padding, dilation, mask=mask)
+    got = deform_conv(x, off, w, b, stride, padding, dilation, mask=mask, sampler=sampler)
     ref = naive_deform_conv(x, off, w, b, stride, padding, dilation, mask)
     torch.testing.assert_close(got, ref, **TOL)
 
@@ -294,18 +301,55 @@ def test_random_offsets_match_naive_loop(case):
 @pytest.mark.parametrize('spatial,kernel,groups,og,padding,with_mask', [
     ((4, 5), (3, 3), 1, 1, 1, True),
     ((4, 4), (2, 3), 2, 2, 0, False),
+    ((4, 5), (3, 3), 2, 2, 1, True),
     ((3, 4, 3), (2, 2, 2), 1, 2, 0, True),
+    ((3, 4, 3), (3, 1, 3), 2, 2, 1, True),
+    ((3, 3, 4), (2, 2, 2), 2, 1, 0, False),
 ])
-def test_gradcheck(spatial, kernel, groups, og, padding, with_mask):
-    x, off, w, b, m = _problem(spatial, 2, 2, kernel, groups, og, padding=padding, batch=1, fractional=True)
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_gradcheck(spatial, kernel, groups, og, padding, with_mask, sampler):
+    """The kernel-position-chunked backward (recomputed samples, bags of the weights' derivatives, the
+    sorted transposed bag for the input) against finite differences; groups and offset groups."""
+    cin = 4 if groups == 2 and og == 2 else 2
+    x, off, w, b, m = _problem(spatial, cin, 2, kernel, groups, og, padding=padding, batch=1, fractional=True)
     args = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
     if with_mask:
-        fn = lambda x, off, w, b, m: deform_conv(x, off, w, b, padding=padding, mask=m)
+        fn = lambda x, off, w, b, m: deform_conv(x, off, w, b, padding=padding, mask=m, sampler=sampler)
         inputs = args
     else:
-        fn = lambda x, off, w, b: deform_conv(x, off, w, b, padding=padding)
+        fn = lambda x, off, w, b: deform_conv(x, off, w, b, padding=padding, sampler=sampler)
         inputs = args[:4]
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_offsets_far_outside_read_zero_and_have_zero_gradient(sampler):
+    """Points at -1 / size or beyond read zero (torchvision's rule) and do not move: zero offset gradient."""
+    x, off, w, b, m = _problem((5, 6), 2, 3, (3, 3), padding=1, seed=3)
+    far = torch.full_like(off, 40.0).requires_grad_()
+    y = deform_conv(x, far, w, None, padding=1, sampler=sampler)
+    torch.testing.assert_close(y, torch.zeros_like(y), **TOL)
+    y.sum().backward()
+    torch.testing.assert_close(far.grad, torch.zeros_like(far), **TOL)
+    if sampler == 'gather':  # infinite offsets too (grid_sample's result for them is not specified)
+        inf = torch.full_like(off, float('inf'))
+        torch.testing.assert_close(deform_conv(x, inf, w, None, padding=1, sampler=sampler), torch.zeros_like(y), **TOL)
+
+
+@pytest.mark.parametrize('n', [2, 3])
+def test_samplers_agree_in_value_and_gradient(n):
+    spatial, kernel = ((9, 8), (3, 3)) if n == 2 else ((5, 6, 4), (3, 2, 3))
+    x, off, w, b, m = _problem(spatial, 4, 6, kernel, groups=2, offset_groups=2, stride=(1,) + (2,) * (n - 1),
+                               padding=1, dilation=(2,) + (1,) * (n - 1), seed=5, offset_range=3.0)
+    results = []
+    for sampler in SAMPLERS:
+        args = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
+        y = deform_conv(args[0], args[1], args[2], args[3], (1,) + (2,) * (n - 1), 1, (2,) + (1,) * (n - 1),
+                        mask=args[4], sampler=sampler)
+        y.backward(_rand(*y.shape, gen=torch.Generator().manual_seed(2)))
+        results.append([y] + [t.grad for t in args])
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,11 +368,13 @@ def tv_deform_conv2d():
 
 @pytest.mark.parametrize('groups,og,stride,padding,dilation,with_mask', [
     (1, 1, 1, 1, 1, True), (1, 1, 1, 1, 1, False), (2, 2, 2, (1, 2), (1, 2), True), (4, 2, (1, 2), 0, 1, False)])
-def test_matches_torchvision(tv_deform_conv2d, groups, og, stride, padding, dilation, with_mask):
+@pytest.mark.parametrize('sampler', SAMPLERS)
+def test_matches_torchvision(tv_deform_conv2d, groups, og, stride, padding, dilation, with_mask, sampler):
     x, off, w, b, m = _problem((7, 8), 4, 4, (3, 3), groups, og, stride, padding, dilation, seed=11)
     a = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
     r = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
-    ya = deform_conv(a[0], a[1], a[2], a[3], stride, padding, dilation, mask=a[4] if with_mask else None)
+    ya = deform_conv(a[0], a[1], a[2], a[3], stride, padding, dilation, mask=a[4] if with_mask else None,
+                     sampler=sampler)
     yr = tv_deform_conv2d(r[0], r[1], r[2], r[3], stride, padding, dilation, mask=r[4] if with_mask else None)
     torch.testing.assert_close(ya, yr, **TOL)
     grad = _rand(*ya.shape, gen=torch.Generator().manual_seed(1))
@@ -413,3 +459,22 @@ def test_module_bad_input_raises():
         dc(x, torch.zeros(1, 36, 5, 5), torch.zeros(1, 9, 5, 5))
     with pytest.raises(ValueError, match=r'offset must have shape'):
         dc(x, torch.zeros(1, 36, 4, 5))
+    with pytest.raises(ValueError, match=r"sampler must be one of \('auto', 'gather', 'grid_sample'\), got 'cuda'"):
+        DeformableConv(2, 2, 3, sampler='cuda')
+    with pytest.raises(ValueError, match=r"sampler must be one of"):
+        deform_conv(**_args2d(), sampler='bilinear')
+
+
+def test_shared_kernel_slice_is_plain_python_and_checks_the_bank():
+    bank = DeformableConv(8, 8, 5, padding=2, ndim=3)
+    level = SharedKernelSlice(bank, 4, (1, 3, 3))
+    assert level.kernel_numel == 9 and type(level.kernel_numel) is int
+    assert level.offset_channels == 27 and level.mask_channels == 9
+    weight, bias = level.weight_and_bias()
+    assert weight.shape == (4, 4, 1, 3, 3) and weight.data_ptr() == bank.weight[:4, :4, 2:3, 1:4, 1:4].data_ptr()
+    with pytest.raises(ValueError, match='does not fit the shared bank'):
+        SharedKernelSlice(bank, 16, (3, 3, 3))
+    with pytest.raises(ValueError, match='centred sub-kernel'):
+        SharedKernelSlice(bank, 4, (2, 3, 3))
+    with pytest.raises(ValueError, match='square, ungrouped'):
+        SharedKernelSlice(DeformableConv(8, 4, 3, ndim=3), 4, (3, 3, 3))

@@ -90,7 +90,7 @@ def test_lfam_compiles_to_one_graph_forward_and_backward(ndim, variant):
 @pytest.mark.parametrize('sampler', SAMPLERS)
 def test_deform_conv_compiles_to_one_graph(ndim, sampler):
     g = torch.Generator().manual_seed(0)
-    spatial, kernel = ((6, 7), (3, 3)) if ndim == 2 else ((4, 5, 6), (3, 2, 3))
+    spatial, kernel = ((6, 7), (3, 3)) if ndim == 2 else ((4, 5, 6), (3, 1, 3))
     K = math.prod(kernel)
     x = torch.randn(2, 4, *spatial, generator=g).requires_grad_()
     offset = (2 * torch.randn(2, ndim * 2 * K, *spatial, generator=g)).requires_grad_()  # 2 offset groups
@@ -214,7 +214,10 @@ def test_autocast_gives_finite_results(ndim, dtype):
 # the memory estimate against measurements
 # ----------------------------------------------------------------------------------------------
 def _peak_allocated(fn, tmp_path):
-    """Peak of the bytes allocated (and not yet freed) while ``fn`` runs, from the profiler's trace."""
+    """Peak of the bytes allocated (and not yet freed) while ``fn`` runs, from the profiler's allocation
+    trace, leaving out the convolutions' own scratch buffers (allocated and freed inside one
+    ``aten::convolution`` / ``aten::convolution_backward`` call: im2col columns, oneDNN reorders), which
+    depend on the backend and which no nnU-Net estimate counts."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -222,27 +225,50 @@ def _peak_allocated(fn, tmp_path):
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = json.load(f)['traceEvents']
-    totals = [e['args']['Total Allocated'] for e in events if e.get('name') == '[memory]']
-    return max([0] + totals)
+    memory = sorted([e for e in events if e.get('name') == '[memory]'], key=lambda e: e['ts'])
+    convolutions = [(e['ts'], e['ts'] + e['dur']) for e in events if e.get('ph') == 'X'
+                    and e.get('name') in ('aten::convolution', 'aten::convolution_backward')]
+
+    def inside(ts):
+        return next((c for c in convolutions if c[0] <= ts <= c[1]), None)
+
+    allocated, scratch = {}, set()
+    for i, e in enumerate(memory):
+        address, size = e['args']['Addr'], e['args']['Bytes']
+        if size > 0:
+            allocated[address] = i
+        elif address in allocated:
+            j = allocated.pop(address)
+            if inside(memory[j]['ts']) is not None and inside(memory[j]['ts']) == inside(e['ts']):
+                scratch.update((i, j))
+    current = peak = 0
+    for i, e in enumerate(memory):
+        if i not in scratch:
+            current += e['args']['Bytes']
+            peak = max(peak, current)
+    return peak
 
 
-@pytest.mark.parametrize('ndim,kernel,offset_groups', [(2, 3, 1), (3, 3, 1), (3, (1, 3, 3), 2)])
-def test_memory_estimate_matches_what_is_measured(ndim, kernel, offset_groups, tmp_path):
-    """``compute_conv_feature_map_size`` (batch 1, elements) = kept + largest temporary. Measured: the
-    saved tensors exactly; the temporary peak of forward and backward (which includes the output and the
-    input gradients, and the predictor convolution's own buffers) within 0.75x - 1.5x of the estimate."""
-    torch.set_num_threads(1)  # keep the convolutions' scratch buffers comparable
+@pytest.mark.parametrize('ndim,kernel,offset_groups,modulated', [
+    (2, 3, 1, True), (3, 3, 1, True), (3, 3, 1, False), (3, (1, 3, 3), 2, True)])
+def test_memory_estimate_matches_what_is_measured(ndim, kernel, offset_groups, modulated, tmp_path):
+    """``compute_conv_feature_map_size`` (batch 1, elements) = kept + largest temporary. Measured at batch 2
+    against ``alignment_memory(..., batch=2)``: the saved tensors exactly; the peak of forward and backward
+    (the output, the input gradients and every temporary of the operator, not the convolutions' own
+    scratch) between 0.8x and 1.0x of the estimated temporary (the estimate is an upper bound, tight in
+    forward, up to ~15% above in backward)."""
+    torch.set_num_threads(1)
     channels, spatial = 32, ((24, 24) if ndim == 2 else (6, 10, 10))
-    module = _lfam(ndim, channels=channels, guide=channels, kernel=kernel, offset_groups=offset_groups)
-    skip, up = _inputs(ndim, batch=1, channels=channels, guide=channels, spatial=spatial)
-    estimate = alignment_memory(module, spatial)
-    assert module.compute_conv_feature_map_size(spatial) == estimate['total']
+    module = _lfam(ndim, channels=channels, guide=channels, kernel=kernel, offset_groups=offset_groups,
+                   modulated=modulated)
+    skip, up = _inputs(ndim, batch=2, channels=channels, guide=channels, spatial=spatial)
+    assert module.compute_conv_feature_map_size(spatial) == alignment_memory(module, spatial)['total']
+    estimate = alignment_memory(module, spatial, batch=2)
     element = skip.element_size()
     out, saved = _saved_bytes(lambda: module(skip, up), exclude=list(module.parameters()))
     assert saved == estimate['kept'] * element
-    forward = _peak_allocated(lambda: module(skip, up), tmp_path)
+    forward = _peak_allocated(lambda: module(skip, up), tmp_path) / element
     grad = torch.ones_like(out)
-    backward = _peak_allocated(lambda: out.backward(grad), tmp_path)
-    measured = max(forward, backward) / element
-    temporary = max(estimate['forward'], estimate['backward'])
-    assert 0.75 * temporary <= measured <= 1.5 * temporary, (measured, estimate)
+    backward = _peak_allocated(lambda: out.backward(grad), tmp_path) / element
+    assert 0.8 * estimate['forward'] <= forward <= estimate['forward'], (forward, estimate)
+    assert 0.8 * estimate['backward'] <= backward <= estimate['backward'], (backward, estimate)

@@ -43,7 +43,10 @@ def nnunet_folders(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def quiet():
+def quiet_and_fresh():
+    """No warnings; a fresh dynamo cache per test (its recompile limit is per code object: networks of
+    other tests must not use it up)."""
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         yield

@@ -1,6 +1,8 @@
 """LFAM module and LFAM U-Nets against independent references (F.conv2d/3d, nnU-Net's own networks)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from torch import nn
 
 from nnunet_ext.architectures.lfam_unet import LFAMPlainConvUNet, LFAMResidualEncoderUNet
 from nnunet_ext.nn.deformable_conv import DeformableConv
-from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment
+from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment, SharedKernelSlice
 from nnunet_ext.training.architecture_mixins import residual_encoder_kwargs
 
 
@@ -111,3 +113,88 @@ def test_shared_levels_use_slices_of_one_kernel_bank():
     # every level trains the bank
     net(torch.randn(1, 2, 4, 16, 16))[0].sum().backward()
     assert bank.weight.grad[:4, :4, 1].abs().sum() > 0 and bank.weight.grad[:, :, 0].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- the fused operator against autograd
+def _random_predictor(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.offset_predictor.weight.copy_(0.3 * torch.randn(module.offset_predictor.weight.shape, generator=g))
+        module.offset_predictor.bias.copy_(0.5 * torch.randn(module.offset_predictor.bias.shape, generator=g))
+
+
+@pytest.fixture(scope='module')
+def tv_deform_conv2d():
+    try:
+        from torchvision.ops import deform_conv2d
+        deform_conv2d(torch.zeros(1, 1, 3, 3, dtype=torch.float64), torch.zeros(1, 2, 3, 3, dtype=torch.float64),
+                      torch.ones(1, 1, 1, 1, dtype=torch.float64))
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot compare here"
+        pytest.skip(f"torchvision.ops.deform_conv2d cannot run here: {type(e).__name__}: {e}")
+    return deform_conv2d
+
+
+@pytest.mark.parametrize('modulated,offset_groups', [(True, 1), (False, 1), (True, 2)])
+def test_alignment_equals_autograd_through_conv_sigmoid_and_torchvision(tv_deform_conv2d, modulated, offset_groups):
+    """Oracle: the module's reading written with autograd, the offsets predicted by ``F.conv2d`` over
+    ``cat(skip, up)``, the mask a sigmoid, the deformable convolution torchvision's: values and the
+    gradients of skip, up and every parameter (LFAM's own backward recomputes the prediction)."""
+    torch.manual_seed(0)
+    module = LateralFeatureAlignment(4, 3, nn.Conv2d, 3, offset_groups, modulated).double()
+    _random_predictor(module)
+    skip = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    pred = F.conv2d(torch.cat((skip, up), 1), module.offset_predictor.weight, module.offset_predictor.bias, padding=1)
+    oc = module.deform.offset_channels
+    mask = torch.sigmoid(pred[:, oc:]) if modulated else None
+    expected = tv_deform_conv2d(skip, pred[:, :oc], module.deform.weight, module.deform.bias, padding=1, mask=mask)
+    got = module(skip, up)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    tensors = [skip, up, *module.parameters()]
+    for a, b in zip(torch.autograd.grad(got, tensors, grad), torch.autograd.grad(expected, tensors, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('kernel,offset_groups,modulated,shared', [
+    (3, 1, True, False), ((1, 3, 3), 2, True, False), (3, 1, False, False), (3, 1, True, True)])
+def test_alignment_3d_gradcheck(kernel, offset_groups, modulated, shared):
+    """3D (no torchvision oracle): the fused backward against finite differences, for skip, up and the
+    parameters (shared: a slice of a kernel bank)."""
+    torch.manual_seed(0)
+    deform = None
+    if shared:
+        deform = SharedKernelSlice(DeformableConv(6, 6, 5, padding=2, ndim=3).double(), 2, (3, 3, 3))
+    module = LateralFeatureAlignment(2, 2, nn.Conv3d, kernel, offset_groups, modulated, deform).double()
+    _random_predictor(module)
+    skip = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    params = [p for p in module.parameters()]
+
+    def fn(skip, up, *values):
+        with torch.nn.utils.stateless._reparametrize_module(module, dict(zip(
+                [n for n, _ in module.named_parameters()], values))):
+            return module(skip, up)
+
+    inputs = (skip, up, *[p.detach().clone().requires_grad_() for p in params])
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, fast_mode=True)  # random projections
+    assert torch.autograd.gradcheck(lambda s, u: module(s, u), (skip, up), eps=1e-6, atol=1e-5)  # full, features
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_decoder_estimate_adds_each_alignments_own_estimate(ndim):
+    """The LFAM decoder's ``compute_conv_feature_map_size`` is nnU-Net's decoder's plus each level's
+    ``LateralFeatureAlignment.compute_conv_feature_map_size`` in nnU-Net's unit (halved)."""
+    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+    net = LFAMPlainConvUNet(**plain_kwargs(ndim))
+    size = (32, 32) if ndim == 2 else (8, 32, 32)
+    levels, current = [], list(size)
+    for stride in plain_kwargs(ndim)['strides']:
+        current = [c // s for c, s in zip(current, stride)]
+        levels.append(current)
+    lfam = sum(a.compute_conv_feature_map_size(levels[-(s + 2)]) // 2 for s, a in enumerate(net.decoder.alignments))
+    assert net.decoder.compute_conv_feature_map_size(size) == \
+        UNetDecoder.compute_conv_feature_map_size(net.decoder, size) + lfam
+    # the top level's alignment: kept skip + up, plus its largest temporary
+    top = net.decoder.alignments[-1]
+    assert top.compute_conv_feature_map_size(size) > (4 + 4) * math.prod(size)

@@ -22,33 +22,44 @@ samples exactly that pixel. With zero offsets and unit mask the result equals ``
 Implementation (why it looks the way it does)
 ---------------------------------------------
 The textbook implementation gathers the im2col tensor ``(B, C, K, L)`` (``L`` output positions) and
-contracts it with the weight; autograd then keeps that tensor and the sampling grid for backward,
-about 58x the input in 3D with a 3x3x3 kernel. Here a custom ``torch.autograd.Function`` works **one
-kernel position at a time**:
+contracts it with the weight; autograd then keeps that tensor and the sampling grid for backward:
+about 58x the input in 3D with a 3x3x3 kernel (B=2, C=32, modulated). Here forward and backward are
+two custom operators (``torch.library.custom_op``: ``nnunet_ext::deform_conv`` and its backward, wired
+with ``register_autograd``) that work **one kernel position at a time**:
 
-* forward: ``y += W_k @ (m_k * sample(x, p0 + p_k + dp_k))`` for k = 0..K-1, never holding more than one
-  position's samples ``(B, C, L)``;
+* forward: ``y += W_k @ (m_k * sample(x, p0 * stride - padding + p_k * dilation + dp_k))`` for
+  k = 0..K-1 (Dai et al. Eq. 2, Zhu et al. Eq. 3), never holding more than one position's samples
+  ``(B, C, L)``;
 * backward: per position, recompute the samples from ``x`` and the offsets and accumulate the gradients
-  of input, offsets, mask, weight (bias: a sum of the output gradient).
+  of input, offsets, mask and weight (bias: a sum of the output gradient).
 
-It saves only what it was given (``x``, offsets, mask, weight). :class:`LateralFeatureAlignment`
-goes one step further and also recomputes its offset/mask predictor in backward, so that it keeps only
-the skip and the up-sampled feature (see ``nnunet_ext.nn.lateral_alignment``). The sampling positions
-are formed in at least float32 whatever the input dtype (half or bfloat16 grid coordinates would be off
-by up to ``size/1000`` pixels), sampling and the contraction run in at least float32 with autocast
-disabled inside the operator, and the output has the input's dtype. Nothing in forward or backward
-reads a value back to the host (no ``.item()``, no data-dependent shapes), so ``torch.compile(...,
-fullgraph=True)`` traces forward and backward as one graph.
+What is saved is what the operator was given (``x``, offsets, mask, weight): nothing else, and never
+a ``(B, C, K, L)`` tensor, in forward or backward. Recomputing the samples costs one more sampling
+pass per position in backward, about what autograd's own backward of the gather would cost anyway.
+:class:`~nnunet_ext.nn.lateral_alignment.LateralFeatureAlignment` goes one step further (its own
+operator recomputes the offset/mask predictor too) and keeps only the skip and the up-sampled feature.
+
+Why custom operators rather than an ``autograd.Function``: ``torch.compile(fullgraph=True)`` sees one
+opaque node per call instead of the unrolled K-position loop (with 27 positions and both samplers'
+bookkeeping, tracing that loop took minutes), so compiling stays fast with aot_eager as with inductor,
+and the graph stays whole (nnU-Net's DDP without ``find_unused_parameters`` needs one graph). Inside,
+nothing reads a value back to the host (no ``.item()``, ``bool(tensor)``, ``nonzero``, data-dependent
+shapes or ``torch.tensor(list, device=...)``): positions come from ``arange`` on the device and Python
+numbers. Positions are formed in at least float32 whatever the input dtype (half or bfloat16 grid
+coordinates would be off by up to ``size/1000`` pixels); sampling and the contraction run in at least
+float32 with autocast disabled inside the operator; the output has the input's dtype.
 
 Two samplers, the same arithmetic:
 
-* ``'gather'`` (default on CPU): the input is copied once to channels-last rows ``(B*G*N, C/G)`` and
-  the ``2^n`` interpolation corners of every sampling point are summed with their weights by one
-  ``F.embedding_bag(mode='sum', per_sample_weights=...)`` (a vectorised gather-and-weighted-sum; the 3D
-  CPU ``grid_sample`` kernel is scalar and several times slower). Backward: the offset gradient is
-  ``<dL/dsample, d sample/d p_i>``, where ``d sample/d p_i`` is another weighted bag of the same
-  corners (weights ``d w_c / d p_i``); the input gradient scatters ``w_c * dL/dsample`` to the corners
-  with ``index_add_``.
+* ``'gather'`` (default on CPU): the input is copied once to zero-padded channels-last rows
+  (``(B*G*N', C/G)``, one zero pixel on each side of each axis, so a corner outside the input reads a
+  zero row and needs no validity test), and the ``2^n`` interpolation corners of every sampling point
+  are summed with their weights by one ``F.embedding_bag(mode='sum', per_sample_weights=...)``, a
+  vectorised gather-and-weighted-sum (the 3D CPU ``grid_sample`` kernel is scalar and several times
+  slower). Backward: the offset gradient is ``<dL/dsample, d sample / d p_i>`` with ``d sample / d p_i``
+  another bag of the same corners (weights ``d w_c / d p_i``); the input gradient is the transposed bag:
+  the (row, corner) pairs sorted by target row and summed by one ``embedding_bag`` over the sorted list
+  (CPU ``index_add_`` adds row by row and is several times slower).
 * ``'grid_sample'`` (default on other devices): ``F.grid_sample`` per kernel position and
   ``aten.grid_sampler_{2,3}d_backward`` for the gradients of input and positions.
 """
@@ -190,7 +201,7 @@ def _geometry(input: torch.Tensor, offset_shape: Sequence[int], weight: torch.Te
 
 
 # ------------------------------------------------------------------------------------------------
-# the kernel-position-chunked core (plain tensor code, called inside the autograd Functions)
+# the kernel-position-chunked core (plain tensor code without autograd, run by the custom operators)
 # ------------------------------------------------------------------------------------------------
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """At least float32 (positions, sampling and the contraction)."""
@@ -258,7 +269,8 @@ def _gather_table(x: torch.Tensor, geo: _Geometry, dtype: torch.dtype) -> _Table
     itype = _index_dtype(geo)
     row_base = (torch.arange(B * G, device=x.device, dtype=itype) * math.prod(padded)).view(B * G, 1) \
         .expand(B * G, geo.L).reshape(B * G * geo.L)
-    corner_offsets = tuple([sum([b * s for b, s in zip(bits, strides)]) for bits in itertools.product((0, 1), repeat=n)])
+    corner_offsets = tuple([sum([b * s for b, s in zip(bits, strides)])
+                            for bits in itertools.product((0, 1), repeat=n)])
     return _Table(rows.reshape(B * G * math.prod(padded), -1), row_base, strides, corner_offsets)
 
 
@@ -273,7 +285,8 @@ def _padded_to_input(rows: torch.Tensor, geo: _Geometry) -> torch.Tensor:
 class _Corners(NamedTuple):
     index: torch.Tensor  # (R, 2^n) rows of the padded table
     weight: torch.Tensor  # (R, 2^n) interpolation weights
-    dweight: Optional[List[torch.Tensor]]  # per axis (R, 2^n): d weight / d position
+    axis_weights: List[Tuple[torch.Tensor, torch.Tensor]]  # per axis: (1 - frac, frac)
+    inside: Optional[List[torch.Tensor]]  # per axis: 1 where the position is in (-1, size), else 0
 
 
 def _corners(pos: List[torch.Tensor], geo: _Geometry, table: _Table, derivatives: bool) -> _Corners:
@@ -302,22 +315,25 @@ def _corners(pos: List[torch.Tensor], geo: _Geometry, table: _Table, derivatives
             inside.append(((p > -1.0) & (p < size)).to(p.dtype))
     index = torch.stack([base + c for c in table.corner_offsets], 1)
     weight = torch.stack(_fold_corners(weights, torch.mul), 1)
-    dweight = None
-    if derivatives:
-        dweight = []
-        for i in range(n):
-            others = [weights[j] for j in range(n) if j != i]
-            rest = [w * inside[i] for w in _fold_corners(others, torch.mul)] if others else [inside[i]]
-            rest_neg = [-w for w in rest]
-            per_corner = []
-            for bits in itertools.product((0, 1), repeat=n):
-                j = 0
-                for a in range(n):
-                    if a != i:
-                        j = 2 * j + bits[a]
-                per_corner.append(rest[j] if bits[i] else rest_neg[j])
-            dweight.append(torch.stack(per_corner, 1))
-    return _Corners(index, weight, dweight)
+    return _Corners(index, weight, weights, inside if derivatives else None)
+
+
+def _dweight(corners: _Corners, i: int, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``d weight_c / d p_i`` for every corner ``c`` (``(R, 2^n)``), times ``scale`` ``(R, 1)`` if given:
+    ``+-prod_{j != i} weight_j``, zero outside ``(-1, size)``."""
+    n = len(corners.axis_weights)
+    factor = corners.inside[i] if scale is None else corners.inside[i] * scale.reshape(-1)
+    others = [corners.axis_weights[j] for j in range(n) if j != i]
+    rest = [w * factor for w in _fold_corners(others, torch.mul)] if others else [factor]
+    rest_neg = [-w for w in rest]
+    per_corner = []
+    for bits in itertools.product((0, 1), repeat=n):
+        j = 0
+        for a in range(n):
+            if a != i:
+                j = 2 * j + bits[a]
+        per_corner.append(rest[j] if bits[i] else rest_neg[j])
+    return torch.stack(per_corner, 1)
 
 
 def _scatter_rows(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -503,9 +519,10 @@ def _backward_position_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v,
             gw[k] += _grouped_weight_grad(gy_rows, _to_rows(v, geo), geo.groups)
         del v
     if need_off:
-        for i in range(n):
-            dw = corners.dweight[i] if m is None else corners.dweight[i] * m
+        for i in range(n):  # m folded into the derivative weights
+            dw = _dweight(corners, i, m)
             goff_v[:, :, k, i] = _rowdot(gs, _bag(table.rows, corners.index, dw)).view(B, G, L).to(goff_v.dtype)
+            del dw
     if need_x:
         wm = corners.weight if m is None else corners.weight * m
         part = _scatter_rows(gs, corners.index, wm, table.rows.shape[0])
@@ -619,7 +636,21 @@ def _or_unused(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> torch
     return _unused() if t is None else t.to(dtype)
 
 
-@torch.library.custom_op('nnunet_ext::deform_conv', mutates_args=())
+def define_operator(name: str, implementation, fake, backward=None, setup_context=None) -> None:
+    """Registers ``implementation`` as the custom operator ``torch.ops.nnunet_ext.<name>`` (schema from its
+    annotations) with its fake (shape) function and, if given, its autograd formula; does nothing if the
+    operator exists already (this module imported a second time, e.g. under another name)."""
+    try:
+        getattr(torch.ops.nnunet_ext, name)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+    op = torch.library.custom_op(f'nnunet_ext::{name}', implementation, mutates_args=())
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+
+
 def _deform_conv_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
                     bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
                     dilation: Sequence[int], sampler: str) -> torch.Tensor:
@@ -629,13 +660,11 @@ def _deform_conv_op(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.
         return deform_forward(x, offset, mask, weight, bias, geo).to(x.dtype)
 
 
-@_deform_conv_op.register_fake
 def _deform_conv_fake(x, offset, mask, weight, bias, stride, padding, dilation, sampler):
     out = deform_conv_output_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
     return x.new_empty((x.shape[0], weight.shape[0], *out))
 
 
-@torch.library.custom_op('nnunet_ext::deform_conv_backward', mutates_args=())
 def _deform_conv_backward_op(grad: torch.Tensor, x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor],
                              weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                              dilation: Sequence[int], sampler: str, needs: Sequence[bool],
@@ -651,7 +680,6 @@ def _deform_conv_backward_op(grad: torch.Tensor, x: torch.Tensor, offset: torch.
             _or_unused(g.bias, bias_dtype))
 
 
-@_deform_conv_backward_op.register_fake
 def _deform_conv_backward_fake(grad, x, offset, mask, weight, stride, padding, dilation, sampler, needs, bias_dtype):
     shapes = (x, offset, mask, weight)
     out = [t.new_empty(t.shape) if need and t is not None else x.new_empty(0) for t, need in zip(shapes, needs[:4])]
@@ -673,7 +701,8 @@ def _deform_conv_autograd(ctx, grad):
     return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None)
 
 
-_deform_conv_op.register_autograd(_deform_conv_autograd, setup_context=_deform_conv_setup)
+define_operator('deform_conv_backward', _deform_conv_backward_op, _deform_conv_backward_fake)
+define_operator('deform_conv', _deform_conv_op, _deform_conv_fake, _deform_conv_autograd, _deform_conv_setup)
 
 
 def deform_conv(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

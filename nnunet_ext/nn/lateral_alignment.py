@@ -12,18 +12,23 @@ sampling grid with a mask of ``sigmoid(0) = 0.5`` (the DCNv2 initialisation); th
 the one resampled; the aligned skip replaces the skip in the decoder's concatenation.
 
 Memory and compilation. LFAM sits on every skip connection, at every resolution, so what it keeps for
-backward matters as much as a convolution block's. Its forward and backward are one
-``torch.autograd.Function`` (:class:`_AlignmentFunction`) that keeps only ``skip`` and ``up`` (plus the
-parameters): in backward it recomputes the offset/mask prediction (one convolution, the cost of
-``torch.utils.checkpoint`` on the predictor) and runs the deformable convolution's kernel-position-chunked
-backward (``nnunet_ext.nn.deformable_conv``), writing the offset/mask gradients straight into the
-predictor's output gradient. The alternative, autograd through ``conv -> split -> sigmoid -> deform_conv``,
-keeps ``cat(skip, up)``, the offsets (``n * K`` channels: 81 in 3D with a 3x3x3 kernel, against 32
-skip channels), the mask and, without the chunked operator, the whole im2col tensor: about 58x the skip
-in 3D. :meth:`LateralFeatureAlignment.compute_conv_feature_map_size` counts what is kept and the
-largest temporary. Forward and backward read nothing back to the host and trace into one graph under
-``torch.compile(fullgraph=True)``. Under autocast the predictor convolution runs in the autocast dtype
-(as an ``nn.Conv`` would); the deformable convolution samples and contracts in at least float32.
+backward matters as much as a convolution block's. Its forward and backward are two custom operators
+(``nnunet_ext::lateral_alignment`` and its backward, ``torch.library.custom_op``) that keep only ``skip``
+and ``up`` (plus the parameters): the backward recomputes the offset/mask prediction (one convolution,
+what ``torch.utils.checkpoint`` on the predictor would cost) and runs the deformable convolution's
+kernel-position-chunked backward (``nnunet_ext.nn.deformable_conv``), which writes the offset and
+mask-logit gradients straight into the predictor's output gradient; the mask's sigmoid is applied per
+kernel position, so no full mask tensor exists. The alternative, autograd through
+``conv -> split -> sigmoid -> deform_conv``, keeps ``cat(skip, up)``, the offsets (``n * K`` channels:
+81 in 3D with a 3x3x3 kernel, against 32 skip channels), the mask and, without the chunked operator,
+the whole im2col tensor: about 58x the skip in 3D. Saving skip, up, offsets and mask (no recompute)
+would still be ~4.4x the skip in 3D (C = 32, K = 27); recomputing the prediction brings it to 2x
+(skip + up) for one extra forward convolution of the predictor.
+:meth:`LateralFeatureAlignment.compute_conv_feature_map_size` counts what is kept and the largest
+temporary (:func:`alignment_memory`). Forward and backward read nothing back to the host and are one
+node each under ``torch.compile(fullgraph=True)``. Under autocast the predictor convolution runs in the
+autocast dtype (as an ``nn.Conv`` would); the deformable convolution samples and contracts in at least
+float32.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.nn.deformable_conv import (DeformableConv, _compute_dtype, _geometry, _Geometry, _or_unused,
-                                           deform_backward, deform_conv, deform_forward)
+                                           define_operator, deform_backward, deform_conv, deform_forward)
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -78,7 +83,8 @@ class SharedKernelSlice(nn.Module):
                              f"({bank.in_channels} channels, kernel {bank.kernel_size}): it needs at most the bank's "
                              f"channels and a centred sub-kernel")
         if channels % bank.offset_groups:
-            raise ValueError(f"a level with {channels} channels cannot use the bank's {bank.offset_groups} offset groups")
+            raise ValueError(f"a level with {channels} channels cannot use the bank's {bank.offset_groups} "
+                             f"offset groups")
         self.bank = bank
         self.in_channels = self.out_channels = channels
         self.kernel_size = kernel
@@ -136,7 +142,6 @@ def _alignment_geometry(skip: torch.Tensor, weight: torch.Tensor, padding: Seque
                      (B, offset_groups * K, *spatial) if modulated else None, sampler)
 
 
-@torch.library.custom_op('nnunet_ext::lateral_alignment', mutates_args=())
 def _alignment_op(skip: torch.Tensor, up: torch.Tensor, pred_weight: torch.Tensor, pred_bias: Optional[torch.Tensor],
                   weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Sequence[int], offset_groups: int,
                   modulated: bool, sampler: str, pred_dtype: torch.dtype) -> torch.Tensor:
@@ -150,13 +155,11 @@ def _alignment_op(skip: torch.Tensor, up: torch.Tensor, pred_weight: torch.Tenso
         return deform_forward(skip, offset, mask_logits, weight, bias, geo, mask_logits=True).to(skip.dtype)
 
 
-@_alignment_op.register_fake
 def _alignment_fake(skip, up, pred_weight, pred_bias, weight, bias, padding, offset_groups, modulated, sampler,
                     pred_dtype):
     return skip.new_empty((skip.shape[0], weight.shape[0], *skip.shape[2:]))
 
 
-@torch.library.custom_op('nnunet_ext::lateral_alignment_backward', mutates_args=())
 def _alignment_backward_op(grad: torch.Tensor, skip: torch.Tensor, up: torch.Tensor, pred_weight: torch.Tensor,
                            pred_bias: Optional[torch.Tensor], weight: torch.Tensor, padding: Sequence[int],
                            offset_groups: int, modulated: bool, sampler: str, pred_dtype: torch.dtype,
@@ -183,7 +186,8 @@ def _alignment_backward_op(grad: torch.Tensor, skip: torch.Tensor, up: torch.Ten
         g = deform_backward(grad, skip, offset, mask_logits, weight, geo,
                             (need_skip, need_pred, need_pred and modulated, need_w, need_b),
                             offset_grad_out=None if grad_pred is None else grad_pred[:, :offset_channels],
-                            mask_grad_out=None if grad_pred is None or not modulated else grad_pred[:, offset_channels:],
+                            mask_grad_out=None if grad_pred is None or not modulated
+                            else grad_pred[:, offset_channels:],
                             mask_logits=True)
         del offset, mask_logits
         grad_skip = g.input
@@ -203,7 +207,6 @@ def _alignment_backward_op(grad: torch.Tensor, skip: torch.Tensor, up: torch.Ten
             _or_unused(g.weight, weight.dtype), _or_unused(g.bias, bias_dtype))
 
 
-@_alignment_backward_op.register_fake
 def _alignment_backward_fake(grad, skip, up, pred_weight, pred_bias, weight, padding, offset_groups, modulated,
                              sampler, pred_dtype, needs, bias_dtype):
     out = [t.new_empty(t.shape) if need and t is not None else skip.new_empty(0)
@@ -227,7 +230,8 @@ def _alignment_autograd(ctx, grad):
     return (*[g if need else None for g, need in zip(grads, needs)], None, None, None, None, None)
 
 
-_alignment_op.register_autograd(_alignment_autograd, setup_context=_alignment_setup)
+define_operator('lateral_alignment_backward', _alignment_backward_op, _alignment_backward_fake)
+define_operator('lateral_alignment', _alignment_op, _alignment_fake, _alignment_autograd, _alignment_setup)
 
 
 class LateralFeatureAlignment(nn.Module):
@@ -244,8 +248,8 @@ class LateralFeatureAlignment(nn.Module):
         deformable_conv: a ``DeformableConv`` or ``SharedKernelSlice`` of matching width and kernel,
             used instead of a new one (sharing across levels).
 
-    Forward and backward run as one autograd Function that keeps only ``skip`` and ``up`` (module
-    docstring); numerically it is ``deformable_conv(skip, offset, sigmoid(mask_logits))`` with
+    Forward and backward are custom operators that keep only ``skip`` and ``up`` (module docstring);
+    numerically it is ``deformable_conv(skip, offset, sigmoid(mask_logits))`` with
     ``offset, mask_logits = offset_predictor(cat(skip, up))``.
     """
 
@@ -265,7 +269,8 @@ class LateralFeatureAlignment(nn.Module):
         if self.deform.in_channels != skip_channels or self.deform.out_channels != skip_channels \
                 or tuple(self.deform.kernel_size) != kernel:
             raise ValueError(f"deformable_conv maps {self.deform.in_channels}->{self.deform.out_channels} channels "
-                             f"with kernel {tuple(self.deform.kernel_size)}; the skip has {skip_channels}, kernel {kernel}")
+                             f"with kernel {tuple(self.deform.kernel_size)}; the skip has {skip_channels}, "
+                             f"kernel {kernel}")
         if tuple(self.deform.stride) != (1,) * ndim or tuple(self.deform.dilation) != (1,) * ndim \
                 or tuple(self.deform.padding) != padding:
             raise ValueError(f"deformable_conv must keep the skip's size (stride 1, dilation 1, padding {padding}), "
@@ -297,8 +302,9 @@ class LateralFeatureAlignment(nn.Module):
         else:
             pred_dtype = torch.promote_types(torch.promote_types(skip.dtype, up.dtype),
                                              self.offset_predictor.weight.dtype)
-        return torch.ops.nnunet_ext.lateral_alignment(skip, up, self.offset_predictor.weight, self.offset_predictor.bias,
-                                                      weight, bias, list(self.deform.padding), self.deform.offset_groups,
+        predictor = self.offset_predictor
+        return torch.ops.nnunet_ext.lateral_alignment(skip, up, predictor.weight, predictor.bias, weight, bias,
+                                                      list(self.deform.padding), self.deform.offset_groups,
                                                       self.modulated, geo.sampler, pred_dtype)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
@@ -308,41 +314,52 @@ class LateralFeatureAlignment(nn.Module):
         return alignment_memory(self, input_size)['total']
 
 
-def alignment_memory(module: LateralFeatureAlignment, input_size: Sequence[int]) -> dict:
-    """Per-sample element counts of LFAM's memory (``V = prod(input_size)`` voxels, ``C`` skip channels,
-    ``C_up`` guide channels, ``P`` predicted channels ``(n + 1) * G * K`` (``n * G * K`` unmodulated),
-    ``2^n`` interpolation corners):
+def alignment_memory(module: LateralFeatureAlignment, input_size: Sequence[int], batch: int = 1) -> dict:
+    """Element counts of LFAM's memory for ``batch`` samples of a skip of spatial size ``input_size``, from
+    what the implementation holds (float32 and int32 count one element, int64 two; the convolutions' own
+    scratch buffers are not counted, as nnU-Net's estimates do not count them for any convolution).
 
-    * ``kept``: saved for backward: ``skip`` and ``up``, ``(C + C_up) * V`` (``skip`` is the encoder's
-      feature, which the encoder keeps anyway; it is counted here as the module keeps it too);
-    * ``forward``: the largest temporary of the forward: ``cat(skip, up)`` and the prediction
-      ``(C + C_up + P) * V``, or, during the kernel-position loop, the prediction, the mask, the padded
-      channels-last copy of the skip, the accumulated output, one position's samples and corner
-      indices/weights (``P + G*K + 3*C + 2 * 2^n`` per voxel, indices counted as one element);
-    * ``backward``: the recomputed prediction and its gradient, the padded skip copy, the input-gradient
-      accumulator and its per-position part, the output gradient copy and one position's sample
-      gradient, samples and derivative bag (``2*P + G*K + 6*C``) plus the corner arrays
-      (``(2 + n) * 2^n`` and the sort's ``4 * 2^n``); then the predictor's backward: ``cat`` and its
-      gradient with the prediction's gradient (``2*(C + C_up) + P``);
+    Per voxel (``V`` voxels, ``V'`` of the skip zero-padded by one voxel per side): ``C`` skip (= output)
+    channels, ``C_up`` guide channels, ``P`` predicted channels (``(n + 1) * G * K`` modulated, ``n * G * K``
+    not), ``G`` offset groups, ``c = 2^n`` interpolation corners; ``W`` the deformable kernel's and
+    ``W_p`` the predictor's number of weights.
+
+    * ``kept`` (saved for backward): ``skip`` and ``up``, ``(C + C_up) V`` (``skip`` is the encoder's
+      feature, which the encoder keeps anyway; it is counted because the module keeps it too);
+    * ``forward``: the larger of the predictor step, ``cat(skip, up)`` and the prediction
+      ``(C + C_up + P) V``, and the kernel-position loop: the prediction, the output accumulator and one
+      position's samples ``(P + 2C) V``, the padded channels-last skip ``C V'``, the corners' rows,
+      weights and per-axis weights with the mask and the bag's bookkeeping ``G (3c + 2n + 5) V`` (plus a
+      regrouping copy ``C V`` with ``G > 1``), the kernel split by position ``W`` and the base positions
+      ``n V / batch``;
+    * ``backward``: the larger of the loop, which holds the recomputed prediction and its gradient
+      ``2P V``, the output gradient and one position's sample gradient ``2C V``, three padded maps (the
+      skip copy, the input-gradient accumulator and one position's part of it) ``3C V'``, corners, sort
+      and bag bookkeeping ``G (10c + 3n + 1) V + 2G V'`` (plus a regrouping copy with ``G > 1``), the
+      kernel and its gradient ``2W`` and the base positions, and the predictor's backward
+      ``(P + 3C + 2 C_up) V + W_p + 2W`` (the prediction's gradient, ``cat``, its gradient, the input
+      gradient, the weight gradients);
     * ``total = kept + max(forward, backward)``.
-
-    The padding of the skip copy (one voxel per side) is counted through ``prod(size + 2)``."""
+    """
     n = len(input_size)
     deform = module.deform
     if n != deform.ndim:
         raise ValueError(f"input_size {tuple(input_size)} has {n} axes; this LFAM is {deform.ndim}D")
-    V = int(np.prod(input_size, dtype=np.int64))
-    padded = int(np.prod([s + 2 for s in input_size], dtype=np.int64))
+    L = int(np.prod(input_size, dtype=np.int64))
+    V = batch * L
+    Vp = batch * int(np.prod([s + 2 for s in input_size], dtype=np.int64))
     C = deform.in_channels
     Cu = module.guide_channels
-    GK = deform.offset_groups * deform.kernel_numel
+    G = deform.offset_groups
     P = module.offset_predictor.out_channels
-    corners = 2 ** n
+    c = 2 ** n
+    regroup = C if G > 1 else 0
+    W = deform.kernel_numel * C * deform.out_channels // getattr(deform, 'groups', 1)
+    Wp = module.offset_predictor.weight.numel()
     kept = (C + Cu) * V
-    pad_copy = C * padded
     forward = max((C + Cu + P) * V,
-                  (P + GK + 2 * C + 2 * corners) * V + pad_copy)
-    backward = max((2 * P + GK + 4 * C + (2 + n) * corners + 4 * corners) * V + 2 * pad_copy,
-                   (2 * (C + Cu) + P + C) * V)
+                  (P + 2 * C + G * (3 * c + 2 * n + 5) + regroup) * V + C * Vp + W + n * L)
+    backward = max((2 * P + 2 * C + G * (10 * c + 3 * n + 1) + regroup) * V + (3 * C + 2 * G) * Vp + 2 * W + n * L,
+                   (P + 3 * C + 2 * Cu) * V + Wp + 2 * W)
     return {'kept': np.int64(kept), 'forward': np.int64(forward), 'backward': np.int64(backward),
             'total': np.int64(kept + max(forward, backward))}
