@@ -29,10 +29,20 @@ from torch import nn
 from nnunet_ext.nn.deformable_conv import DeformableConv, deform_conv, deform_conv_output_size
 from nnunet_ext.nn.lateral_alignment import SharedKernelSlice
 
-SAMPLERS = ['gather', 'grid_sample']
 
 F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-10)
+
+
+@pytest.fixture(params=['gather', 'gather-one-position-per-step', 'grid_sample'])
+def sampler(request, monkeypatch):
+    """Both samplers; the 'gather' sampler in its two regimes: several kernel positions per step (small
+    maps such as these tests': ``positions_per_step``) and one (large maps; forced here)."""
+    import nnunet_ext.nn.deformable_conv as deformable
+    if request.param == 'gather-one-position-per-step':
+        monkeypatch.setattr(deformable, 'STEP_ELEMENTS', 1)
+        return 'gather'
+    return request.param
 
 
 def _out_size(spatial, kernel, stride, padding, dilation):
@@ -279,7 +289,6 @@ NAIVE_CASES = [  # spatial, cin, cout, kernel, groups, offset_groups, stride, pa
 
 
 @pytest.mark.parametrize('case', NAIVE_CASES, ids=lambda c: f"{len(c[0])}d-{c}")
-@pytest.mark.parametrize('sampler', SAMPLERS)
 def test_random_offsets_match_naive_loop(case, sampler):
     spatial, cin, cout, kernel, groups, og, stride, padding, dilation, with_mask = case
     x, off, w, b, m = _problem(spatial, cin, cout, kernel, groups, og, stride, padding, dilation, seed=7,
@@ -298,18 +307,18 @@ def test_random_offsets_match_naive_loop(case, sampler):
 # ----------------------------------------------------------------------------------------------
 # gradients
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('spatial,kernel,groups,og,padding,with_mask', [
-    ((4, 5), (3, 3), 1, 1, 1, True),
-    ((4, 4), (2, 3), 2, 2, 0, False),
-    ((4, 5), (3, 3), 2, 2, 1, True),
-    ((3, 4, 3), (2, 2, 2), 1, 2, 0, True),
-    ((3, 4, 3), (3, 1, 3), 2, 2, 1, True),
-    ((3, 3, 4), (2, 2, 2), 2, 1, 0, False),
+@pytest.mark.parametrize('spatial,kernel,groups,og,padding,with_mask,fast', [
+    ((4, 5), (3, 3), 1, 1, 1, True, False),
+    ((4, 4), (2, 3), 2, 2, 0, False, False),
+    ((4, 5), (3, 3), 2, 2, 1, True, False),
+    ((3, 4, 3), (2, 2, 2), 1, 2, 0, True, False),
+    ((2, 3, 3), (3, 1, 3), 2, 2, 1, True, True),
+    ((3, 3, 4), (2, 2, 2), 2, 1, 0, False, True),
 ])
-@pytest.mark.parametrize('sampler', SAMPLERS)
-def test_gradcheck(spatial, kernel, groups, og, padding, with_mask, sampler):
+def test_gradcheck(spatial, kernel, groups, og, padding, with_mask, fast, sampler):
     """The kernel-position-chunked backward (recomputed samples, bags of the weights' derivatives, the
-    sorted transposed bag for the input) against finite differences; groups and offset groups."""
+    sorted transposed bag for the input) against finite differences; groups and offset groups (``fast``:
+    gradcheck's random-projection mode, for the larger 3D cases)."""
     cin = 4 if groups == 2 and og == 2 else 2
     x, off, w, b, m = _problem(spatial, cin, 2, kernel, groups, og, padding=padding, batch=1, fractional=True)
     args = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
@@ -319,10 +328,9 @@ def test_gradcheck(spatial, kernel, groups, og, padding, with_mask, sampler):
     else:
         fn = lambda x, off, w, b: deform_conv(x, off, w, b, padding=padding, sampler=sampler)
         inputs = args[:4]
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=fast)
 
 
-@pytest.mark.parametrize('sampler', SAMPLERS)
 def test_offsets_far_outside_read_zero_and_have_zero_gradient(sampler):
     """Points at -1 / size or beyond read zero (torchvision's rule) and do not move: zero offset gradient."""
     x, off, w, b, m = _problem((5, 6), 2, 3, (3, 3), padding=1, seed=3)
@@ -337,19 +345,22 @@ def test_offsets_far_outside_read_zero_and_have_zero_gradient(sampler):
 
 
 @pytest.mark.parametrize('n', [2, 3])
-def test_samplers_agree_in_value_and_gradient(n):
+def test_samplers_agree_in_value_and_gradient(n, monkeypatch):
     spatial, kernel = ((9, 8), (3, 3)) if n == 2 else ((5, 6, 4), (3, 2, 3))
     x, off, w, b, m = _problem(spatial, 4, 6, kernel, groups=2, offset_groups=2, stride=(1,) + (2,) * (n - 1),
                                padding=1, dilation=(2,) + (1,) * (n - 1), seed=5, offset_range=3.0)
+    import nnunet_ext.nn.deformable_conv as deformable
     results = []
-    for sampler in SAMPLERS:
+    for sampler, step_elements in (('gather', deformable.STEP_ELEMENTS), ('gather', 1), ('grid_sample', 1)):
+        monkeypatch.setattr(deformable, 'STEP_ELEMENTS', step_elements)
         args = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
         y = deform_conv(args[0], args[1], args[2], args[3], (1,) + (2,) * (n - 1), 1, (2,) + (1,) * (n - 1),
                         mask=args[4], sampler=sampler)
         y.backward(_rand(*y.shape, gen=torch.Generator().manual_seed(2)))
         results.append([y] + [t.grad for t in args])
-    for a, r in zip(*results):
-        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+    for other in results[1:]:
+        for a, r in zip(results[0], other):
+            torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +379,6 @@ def tv_deform_conv2d():
 
 @pytest.mark.parametrize('groups,og,stride,padding,dilation,with_mask', [
     (1, 1, 1, 1, 1, True), (1, 1, 1, 1, 1, False), (2, 2, 2, (1, 2), (1, 2), True), (4, 2, (1, 2), 0, 1, False)])
-@pytest.mark.parametrize('sampler', SAMPLERS)
 def test_matches_torchvision(tv_deform_conv2d, groups, og, stride, padding, dilation, with_mask, sampler):
     x, off, w, b, m = _problem((7, 8), 4, 4, (3, 3), groups, og, stride, padding, dilation, seed=11)
     a = [t.clone().requires_grad_() for t in (x, off, w, b, m)]

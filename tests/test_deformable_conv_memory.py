@@ -251,12 +251,18 @@ def _peak_allocated(fn, tmp_path):
 
 @pytest.mark.parametrize('ndim,kernel,offset_groups,modulated', [
     (2, 3, 1, True), (3, 3, 1, True), (3, 3, 1, False), (3, (1, 3, 3), 2, True)])
-def test_memory_estimate_matches_what_is_measured(ndim, kernel, offset_groups, modulated, tmp_path):
+@pytest.mark.parametrize('steps', ['one position per step', 'several positions per step'])
+def test_memory_estimate_matches_what_is_measured(ndim, kernel, offset_groups, modulated, steps, tmp_path,
+                                                  monkeypatch):
     """``compute_conv_feature_map_size`` (batch 1, elements) = kept + largest temporary. Measured at batch 2
     against ``alignment_memory(..., batch=2)``: the saved tensors exactly; the peak of forward and backward
     (the output, the input gradients and every temporary of the operator, not the convolutions' own
-    scratch) between 0.8x and 1.0x of the estimated temporary (the estimate is an upper bound, tight in
-    forward, up to ~15% above in backward)."""
+    scratch) within 0.75x - 1.05x of the estimated temporary (forward within ~1%, backward up to ~20%
+    above what is measured). Both regimes of the 'gather' sampler: one kernel position per step (large
+    maps) and several (small maps, ``positions_per_step``)."""
+    import nnunet_ext.nn.deformable_conv as deformable
+    if steps == 'one position per step':
+        monkeypatch.setattr(deformable, 'STEP_ELEMENTS', 1)
     torch.set_num_threads(1)
     channels, spatial = 32, ((24, 24) if ndim == 2 else (6, 10, 10))
     module = _lfam(ndim, channels=channels, guide=channels, kernel=kernel, offset_groups=offset_groups,
@@ -270,5 +276,5 @@ def test_memory_estimate_matches_what_is_measured(ndim, kernel, offset_groups, m
     forward = _peak_allocated(lambda: module(skip, up), tmp_path) / element
     grad = torch.ones_like(out)
     backward = _peak_allocated(lambda: out.backward(grad), tmp_path) / element
-    assert 0.8 * estimate['forward'] <= forward <= estimate['forward'], (forward, estimate)
-    assert 0.8 * estimate['backward'] <= backward <= estimate['backward'], (backward, estimate)
+    assert 0.75 * estimate['forward'] <= forward <= 1.05 * estimate['forward'], (forward, estimate)
+    assert 0.75 * estimate['backward'] <= backward <= 1.05 * estimate['backward'], (backward, estimate)

@@ -25,11 +25,13 @@ The textbook implementation gathers the im2col tensor ``(B, C, K, L)`` (``L`` ou
 contracts it with the weight; autograd then keeps that tensor and the sampling grid for backward:
 about 58x the input in 3D with a 3x3x3 kernel (B=2, C=32, modulated). Here forward and backward are
 two custom operators (``torch.library.custom_op``: ``nnunet_ext::deform_conv`` and its backward, wired
-with ``register_autograd``) that work **one kernel position at a time**:
+with ``register_autograd``) that work **one kernel position at a time** (a few at a time on small maps,
+where one position's samples have fewer than ``STEP_ELEMENTS`` elements and per-operation overhead would
+dominate; never more than ``K // 3``, see :func:`positions_per_step`):
 
 * forward: ``y += W_k @ (m_k * sample(x, p0 * stride - padding + p_k * dilation + dp_k))`` for
-  k = 0..K-1 (Dai et al. Eq. 2, Zhu et al. Eq. 3), never holding more than one position's samples
-  ``(B, C, L)``;
+  k = 0..K-1 (Dai et al. Eq. 2, Zhu et al. Eq. 3), never holding more than one step's samples
+  (``(B, C, L)`` for one position);
 * backward: per position, recompute the samples from ``x`` and the offsets and accumulate the gradients
   of input, offsets, mask and weight (bias: a sum of the output gradient).
 
@@ -235,6 +237,77 @@ def _positions(offset_v: torch.Tensor, bases: List[torch.Tensor], geo: _Geometry
     return [offset_v[:, :, k, i].to(dtype) + (bases[i] + float(kk[i] * geo.dilation[i])) for i in range(geo.n)]
 
 
+# Kernel positions handled together by the 'gather' sampler where one position's samples are small
+# (deep levels, small 2D maps): fewer, larger tensor operations. Read at call time (tests change it).
+STEP_ELEMENTS = 2 ** 20
+
+
+def positions_per_step(geo: _Geometry) -> int:
+    """How many kernel positions the 'gather' sampler processes together: one, unless one position's
+    samples ``B * L * C`` have fewer than :data:`STEP_ELEMENTS` elements; then as many as keep a step's
+    samples below it, at most ``K // 3`` (never the whole im2col tensor). One with grouped convolutions
+    and for the 'grid_sample' sampler."""
+    return steps_for(geo.batch * geo.L, geo.channels, geo.K, geo.groups, geo.sampler)
+
+
+def steps_for(rows: int, channels: int, kernel_positions: int, groups: int = 1, sampler: str = 'gather') -> int:
+    """:func:`positions_per_step` from sizes: ``rows = B * L`` output positions of ``channels`` channels."""
+    if sampler != 'gather' or groups != 1:
+        return 1
+    return max(1, min(kernel_positions // 3, STEP_ELEMENTS // (rows * channels)))
+
+
+def _step_positions(offset_v: torch.Tensor, bases: List[torch.Tensor], geo: _Geometry, k0: int, k1: int,
+                    dtype: torch.dtype) -> List[torch.Tensor]:
+    """Sampling coordinates of kernel positions ``k0 .. k1 - 1``: per axis ``(B, G, k1 - k0, L)``. The
+    kernel index of each position comes from ``arange`` on the device (no host-to-device copy)."""
+    if k1 - k0 == 1:
+        kk = _kernel_positions(geo)[k0]
+        return [p.unsqueeze(2) for p in _positions(offset_v, bases, geo, k0, kk, dtype)]
+    ks = torch.arange(k0, k1, device=offset_v.device)
+    out = []
+    for i in range(geo.n):
+        index = torch.div(ks, math.prod(geo.kernel[i + 1:]), rounding_mode='floor') % geo.kernel[i]
+        shift = (index * geo.dilation[i]).to(dtype).view(k1 - k0, 1)
+        out.append(offset_v[:, :, k0:k1, i].to(dtype) + (bases[i].view(1, geo.L) + shift))
+    return out
+
+
+def _step_to_rows(t: torch.Tensor, geo: _Geometry, c: int) -> torch.Tensor:
+    """Samples of ``c`` positions, ``(B*G*c*L, Cg)`` in (b, g, position, l) order -> ``(B*L, c*C)``: each
+    output row's samples, position-major then channel (the order of the split kernel's rows)."""
+    B, G, L = geo.batch, geo.offset_groups, geo.L
+    if G == 1 and c == 1:
+        return t.view(B * L, geo.channels)
+    return t.view(B, G, c, L, -1).permute(0, 3, 2, 1, 4).reshape(B * L, c * geo.channels)
+
+
+def _step_from_rows(t: torch.Tensor, geo: _Geometry, c: int) -> torch.Tensor:
+    """Inverse of :func:`_step_to_rows`."""
+    B, G, L = geo.batch, geo.offset_groups, geo.L
+    if G == 1 and c == 1:
+        return t.view(B * L, geo.channels)
+    return t.view(B, L, c, G, -1).permute(0, 3, 2, 1, 4).reshape(B * G * c * L, geo.channels // G)
+
+
+def _step_rows(table: '_Table', geo: _Geometry, c: int) -> torch.Tensor:
+    """Table row of the first pixel of each sample's (b, g) block for ``c`` positions."""
+    if c == 1:
+        return table.row_base
+    BG = geo.batch * geo.offset_groups
+    return table.row_base.view(BG, 1, geo.L).expand(BG, c, geo.L).reshape(BG * c * geo.L)
+
+
+def _step_mask(mask_v: Optional[torch.Tensor], k0: int, k1: int, logits: bool,
+               dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Modulation of positions ``k0 .. k1 - 1`` as a column ``(B*G*c*L, 1)``; sigmoid of logits."""
+    if mask_v is None:
+        return None
+    m = mask_v[:, :, k0:k1].to(dtype)
+    m = torch.sigmoid(m) if logits else m
+    return m.reshape(-1, 1)
+
+
 def _fold_corners(per_axis, combine):
     """Combines per-axis pairs ``(lo, hi)`` over the ``2^n`` corners, axis 0 most significant
     (corner ``c`` has bit ``n - 1 - i`` for axis ``i``)."""
@@ -289,7 +362,8 @@ class _Corners(NamedTuple):
     inside: Optional[List[torch.Tensor]]  # per axis: 1 where the position is in (-1, size), else 0
 
 
-def _corners(pos: List[torch.Tensor], geo: _Geometry, table: _Table, derivatives: bool) -> _Corners:
+def _corners(pos: List[torch.Tensor], geo: _Geometry, table: _Table, derivatives: bool,
+             row_base: torch.Tensor) -> _Corners:
     """The ``2^n`` neighbours of each sampling point in the zero-padded table and their bilinear /
     trilinear weights (Dai et al. Eq. 4: ``G(q, p) = prod_i max(0, 1 - |q_i - p_i|)``).
 
@@ -299,10 +373,10 @@ def _corners(pos: List[torch.Tensor], geo: _Geometry, table: _Table, derivatives
     torchvision. The derivative with respect to the position is zero outside ``(-1, size)`` (the value
     is constant zero there); NaN positions propagate NaN."""
     n = geo.n
-    R = table.row_base.shape[0]
-    itype = table.row_base.dtype
+    R = row_base.shape[0]
+    itype = row_base.dtype
     weights, inside = [], []
-    base = table.row_base
+    base = row_base
     for i in range(n):
         size = float(geo.spatial[i])
         p = pos[i].reshape(R)
@@ -361,22 +435,6 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum('rc,rc->r', a, b)
 
 
-def _to_rows(t: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """``(B*G*L, Cg)`` (per offset group) -> ``(B*L, C)`` (channels last; a copy only if G > 1)."""
-    B, G, L = geo.batch, geo.offset_groups, geo.L
-    if G == 1:
-        return t.view(B * L, geo.channels)
-    return t.view(B, G, L, -1).transpose(1, 2).reshape(B * L, geo.channels)
-
-
-def _from_rows(t: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """Inverse of :func:`_to_rows`."""
-    B, G, L = geo.batch, geo.offset_groups, geo.L
-    if G == 1:
-        return t.view(B * L, geo.channels)
-    return t.view(B, L, G, -1).transpose(1, 2).reshape(B * G * L, geo.channels // G)
-
-
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
     """``a (R, groups * I) @ w (groups, I, J)`` per group -> ``(R, groups * J)``."""
     if groups == 1:
@@ -428,17 +486,18 @@ def _mask_at(mask_v: Optional[torch.Tensor], k: int, logits: bool, dtype: torch.
     return torch.sigmoid(m) if logits else m
 
 
-def _forward_position_gather(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype):
-    """``y += W_k @ (m_k * sample_k)`` for one kernel position (channels-last rows)."""
-    R = table.row_base.shape[0]
-    corners = _corners(_positions(offset_v, bases, geo, k, kk, pos_dtype), geo, table, False)
-    m = _mask_at(mask_v, k, mask_logits, pos_dtype)
-    w = corners.weight if m is None else corners.weight * m.reshape(R, 1)
-    s = _to_rows(_bag(table.rows, corners.index, w), geo)
+def _forward_step_gather(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k0, k1, pos_dtype):
+    """``y += sum_k W_k @ (m_k * sample_k)`` over kernel positions ``k0 .. k1 - 1`` (channels-last rows)."""
+    c = k1 - k0
+    corners = _corners([p.reshape(-1) for p in _step_positions(offset_v, bases, geo, k0, k1, pos_dtype)], geo,
+                       table, False, _step_rows(table, geo, c))
+    m = _step_mask(mask_v, k0, k1, mask_logits, pos_dtype)
+    w = corners.weight if m is None else corners.weight * m
+    s = _step_to_rows(_bag(table.rows, corners.index, w), geo, c)
     if geo.groups == 1:
-        y.addmm_(s, wk[k, 0])
-    else:
-        y.add_(_grouped_mm(s, wk[k], geo.groups))
+        y.addmm_(s, wk[k0:k1, 0].reshape(c * geo.channels, geo.out_channels))
+    else:  # c == 1
+        y.add_(_grouped_mm(s, wk[k0], geo.groups))
 
 
 def _forward_position_grid(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype):
@@ -469,8 +528,10 @@ def deform_forward(x: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.T
     if geo.sampler == 'gather':
         table = _gather_table(x, geo, dtype)
         y = torch.zeros(B * L, geo.out_channels, device=x.device, dtype=dtype)
-        for k, kk in enumerate(_kernel_positions(geo)):
-            _forward_position_gather(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k, kk, pos_dtype)
+        step = positions_per_step(geo)
+        for k0 in range(0, K, step):
+            _forward_step_gather(y, table, offset_v, mask_v, mask_logits, bases, wk, geo, k0, min(K, k0 + step),
+                                 pos_dtype)
         del table
         y = y.view(B, L, geo.out_channels).transpose(1, 2).contiguous()
     else:
@@ -492,36 +553,43 @@ class DeformGrads(NamedTuple):
     bias: Optional[torch.Tensor]
 
 
-def _backward_position_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v, mask_v, mask_logits, bases, wk_t,
-                              geo, k, kk, pos_dtype, needs):
-    """Gradients of kernel position ``k`` (channels-last rows): the samples are recomputed; the offset
-    gradient is ``<dL/ds, m * d sample / d p_i>`` with ``d sample / d p_i`` a bag of the same corners with
-    the weights' derivatives; the input gradient is the transposed bag (:func:`_scatter_rows`).
+def _backward_step_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v, mask_v, mask_logits, bases, wk, geo,
+                          k0, k1, pos_dtype, needs):
+    """Gradients of kernel positions ``k0 .. k1 - 1`` (channels-last rows): the samples are recomputed; the
+    offset gradient is ``<dL/ds, m * d sample / d p_i>`` with ``d sample / d p_i`` a bag of the same corners
+    with the weights' derivatives; the input gradient is the transposed bag (:func:`_scatter_rows`).
     Returns the updated input-gradient accumulator."""
     need_x, need_off, need_mask, need_w = needs
     B, G, L, n = geo.batch, geo.offset_groups, geo.L, geo.n
-    R = table.row_base.shape[0]
+    c = k1 - k0
     dtype = table.rows.dtype
-    corners = _corners(_positions(offset_v, bases, geo, k, kk, pos_dtype), geo, table, need_off)
-    m = _mask_at(mask_v, k, mask_logits, pos_dtype)
-    m = None if m is None else m.reshape(R, 1)
-    gs = _from_rows(_grouped_mm(gy_rows, wk_t[k], geo.groups), geo)  # dL / d(m * sample), (R, Cg)
+    corners = _corners([p.reshape(-1) for p in _step_positions(offset_v, bases, geo, k0, k1, pos_dtype)], geo,
+                       table, need_off, _step_rows(table, geo, c))
+    m = _step_mask(mask_v, k0, k1, mask_logits, pos_dtype)
+    if geo.groups == 1:  # dL / d(m * sample), (B*G*c*L, Cg)
+        gs = _step_from_rows(gy_rows @ wk[k0:k1, 0].reshape(c * geo.channels, geo.out_channels).t(), geo, c)
+    else:  # c == 1
+        gs = _step_from_rows(_grouped_mm(gy_rows, wk[k0].transpose(1, 2), geo.groups), geo, c)
     if need_mask or need_w:
-        v = _bag(table.rows, corners.index, corners.weight)  # the samples, (R, Cg)
+        v = _bag(table.rows, corners.index, corners.weight)  # the samples
         if need_mask:
             gm = _rowdot(gs, v)
             if mask_logits:  # d sigmoid(a) / da = m (1 - m)
-                gm = gm * (m * (1.0 - m)).reshape(R).to(gm.dtype)
-            gmask_v[:, :, k] = gm.view(B, G, L).to(gmask_v.dtype)
+                gm = gm * (m * (1.0 - m)).reshape(-1).to(gm.dtype)
+            gmask_v[:, :, k0:k1] = gm.view(B, G, c, L).to(gmask_v.dtype)
         if need_w:
-            if m is not None:
-                v = v * m.to(dtype)
-            gw[k] += _grouped_weight_grad(gy_rows, _to_rows(v, geo), geo.groups)
+            sv = _step_to_rows(v if m is None else v * m.to(dtype), geo, c)
+            if geo.groups == 1:
+                gw[k0:k1, 0] += (sv.t() @ gy_rows).view(c, geo.channels, geo.out_channels)
+            else:
+                gw[k0] += _grouped_weight_grad(gy_rows, sv, geo.groups)
+            del sv
         del v
     if need_off:
         for i in range(n):  # m folded into the derivative weights
             dw = _dweight(corners, i, m)
-            goff_v[:, :, k, i] = _rowdot(gs, _bag(table.rows, corners.index, dw)).view(B, G, L).to(goff_v.dtype)
+            goff_v[:, :, k0:k1, i] = _rowdot(gs, _bag(table.rows, corners.index, dw)).view(B, G, c, L) \
+                .to(goff_v.dtype)
             del dw
     if need_x:
         wm = corners.weight if m is None else corners.weight * m
@@ -604,10 +672,10 @@ def deform_backward(grad_out: torch.Tensor, x: torch.Tensor, offset: torch.Tenso
         table = _gather_table(x, geo, dtype)
         gy_rows = gy.reshape(B, geo.out_channels, L).transpose(1, 2).reshape(B * L, geo.out_channels)
         del gy
-        wk_t = wk.transpose(2, 3)  # (K, groups, O/groups, C/groups): output gradient -> sample gradient
-        for k, kk in enumerate(_kernel_positions(geo)):
-            gx = _backward_position_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v, mask_v, mask_logits,
-                                           bases, wk_t, geo, k, kk, pos_dtype, position_needs)
+        step = positions_per_step(geo)
+        for k0 in range(0, K, step):
+            gx = _backward_step_gather(gx, gw, goff_v, gmask_v, gy_rows, table, offset_v, mask_v, mask_logits,
+                                       bases, wk, geo, k0, min(K, k0 + step), pos_dtype, position_needs)
         del table, gy_rows
         if need_x:
             gx = _padded_to_input(gx, geo)

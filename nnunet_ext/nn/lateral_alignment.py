@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.nn.deformable_conv import (DeformableConv, _compute_dtype, _geometry, _Geometry, _or_unused,
-                                           define_operator, deform_backward, deform_conv, deform_forward)
+                                           define_operator, deform_backward, deform_conv, deform_forward, steps_for)
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -322,7 +322,11 @@ def alignment_memory(module: LateralFeatureAlignment, input_size: Sequence[int],
     Per voxel (``V`` voxels, ``V'`` of the skip zero-padded by one voxel per side): ``C`` skip (= output)
     channels, ``C_up`` guide channels, ``P`` predicted channels (``(n + 1) * G * K`` modulated, ``n * G * K``
     not), ``G`` offset groups, ``c = 2^n`` interpolation corners; ``W`` the deformable kernel's and
-    ``W_p`` the predictor's number of weights.
+    ``W_p`` the predictor's number of weights; ``s`` kernel positions per step of the 'gather' sampler
+    (1 but on small maps, ``nnunet_ext.nn.deformable_conv.positions_per_step``): the terms of "one
+    position" below count ``s`` times, plus a regrouping copy ``C V`` per position when ``s > 1`` or
+    ``G > 1``. The 'grid_sample' sampler (GPU) holds less (no padded copies, no corner lists): the
+    estimate is an upper bound for it.
 
     * ``kept`` (saved for backward): ``skip`` and ``up``, ``(C + C_up) V`` (``skip`` is the encoder's
       feature, which the encoder keeps anyway; it is counted because the module keeps it too);
@@ -330,13 +334,14 @@ def alignment_memory(module: LateralFeatureAlignment, input_size: Sequence[int],
       ``(C + C_up + P) V``, and the kernel-position loop: the prediction, the output accumulator and one
       position's samples ``(P + 2C) V``, the padded channels-last skip ``C V'``, the corners' rows,
       weights and per-axis weights with the mask and the bag's bookkeeping ``G (3c + 2n + 5) V`` (plus a
-      regrouping copy ``C V`` with ``G > 1``), the kernel split by position ``W`` and the base positions
-      ``n V / batch``;
-    * ``backward``: the larger of the loop, which holds the recomputed prediction and its gradient
-      ``2P V``, the output gradient and one position's sample gradient ``2C V``, three padded maps (the
-      skip copy, the input-gradient accumulator and one position's part of it) ``3C V'``, corners, sort
-      and bag bookkeeping ``G (10c + 3n + 1) V + 2G V'`` (plus a regrouping copy with ``G > 1``), the
-      kernel and its gradient ``2W`` and the base positions, and the predictor's backward
+      regrouping copy), the kernel split by position ``W`` and the base positions ``n V / batch``;
+    * ``backward``: the largest of three moments. Throughout the loop: the recomputed prediction and its
+      gradient ``2P V``, the output gradient ``C V``, the kernel and its gradient ``2W`` and the base
+      positions. (a) The weight gradient of one position: the padded skip copy and the input-gradient
+      accumulator ``2C V'``, the sample gradient, the samples, the modulated samples (and a regrouping
+      copy) ``3C V``, the corners ``G (2c + 3n + 1) V``. (b) Its input gradient: three padded maps (the
+      skip copy, the accumulator, this position's part) ``3C V'``, the sample gradient ``C V``, corners,
+      sort and bag bookkeeping ``G (10c + 3n + 1) V + 2G V'``. (c) The predictor's backward
       ``(P + 3C + 2 C_up) V + W_p + 2W`` (the prediction's gradient, ``cat``, its gradient, the input
       gradient, the weight gradients);
     * ``total = kept + max(forward, backward)``.
@@ -352,14 +357,18 @@ def alignment_memory(module: LateralFeatureAlignment, input_size: Sequence[int],
     Cu = module.guide_channels
     G = deform.offset_groups
     P = module.offset_predictor.out_channels
-    c = 2 ** n
-    regroup = C if G > 1 else 0
-    W = deform.kernel_numel * C * deform.out_channels // getattr(deform, 'groups', 1)
+    q = 2 ** n
+    groups = getattr(deform, 'groups', 1)
+    step = steps_for(V, C, deform.kernel_numel, groups)  # kernel positions per step (the 'gather' sampler)
+    regroup = C if G > 1 or step > 1 else 0
+    W = deform.kernel_numel * C * deform.out_channels // groups
     Wp = module.offset_predictor.weight.numel()
     kept = (C + Cu) * V
     forward = max((C + Cu + P) * V,
-                  (P + 2 * C + G * (3 * c + 2 * n + 5) + regroup) * V + C * Vp + W + n * L)
-    backward = max((2 * P + 2 * C + G * (10 * c + 3 * n + 1) + regroup) * V + (3 * C + 2 * G) * Vp + 2 * W + n * L,
-                   (P + 3 * C + 2 * Cu) * V + Wp + 2 * W)
+                  (P + C + step * (C + regroup + G * (3 * q + 2 * n + 5))) * V + C * Vp + W + n * L)
+    loop = (2 * P + C) * V + 2 * W + n * L  # prediction and its gradient, output gradient, kernel and gradient
+    backward = max(loop + 2 * C * Vp + step * (3 * C + regroup + G * (2 * q + 3 * n + 1)) * V,  # weight gradient
+                   loop + (3 * C + 2 * G) * Vp + step * (C + G * (10 * q + 3 * n + 1)) * V,  # input gradient
+                   (P + 3 * C + 2 * Cu) * V + Wp + 2 * W)  # predictor's backward
     return {'kept': np.int64(kept), 'forward': np.int64(forward), 'backward': np.int64(backward),
             'total': np.int64(kept + max(forward, backward))}
