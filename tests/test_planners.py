@@ -37,7 +37,7 @@ from nnunet_ext.trainers.resunet_trainers import nnUNetTrainerResUNet, nnUNetTra
 from nnunet_ext.training.architecture_mixins import PLAIN_UNET, residual_encoder_kwargs
 from nnunet_ext.training.memory_check import (MEMORY_TARGET_KEY, NNUNET_PLANNER_REFERENCES, MemoryReference,
                                               memory_message, memory_ratio, memory_record, plans_memory_reference)
-from trainer_helpers import DATASET_ID, make_trainer
+from trainer_helpers import DATASET_ID, kept_for_backward, make_trainer
 
 PLANNERS = {  # planner: (trainer that trains on its plans, network that trainer builds, plans name)
     LFAMPlanner: (nnUNetTrainerLFAM, LFAMPlainConvUNet, 'nnUNetPlansLFAM'),
@@ -124,20 +124,6 @@ def test_planners_are_listed_and_found_by_name(capsys):
         assert plans_name in line
 
 
-# what autograd keeps: the oracle for "the estimate counts what the network keeps for backward"
-def _kept_elements(network, x):
-    parameters = {p.untyped_storage().data_ptr() for p in network.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        network(x)
-    return sum(kept.values())
 
 
 def _small_kwargs(ndim):
@@ -160,12 +146,12 @@ def test_estimates_relative_to_nnunets_unet_match_what_autograd_keeps(ndim, size
     torch.manual_seed(0)
     kwargs, x = _small_kwargs(ndim), torch.randn(1, 1, *size)
     plain = PlainConvUNet(**kwargs)
-    plain_estimate, plain_kept = plain.compute_conv_feature_map_size(size), _kept_elements(plain, x)
+    plain_estimate, plain_kept = plain.compute_conv_feature_map_size(size), kept_for_backward(plain, x)
     for network_class, tolerance in ((PreActResUNet, 0.1), (MLNPlainConvUNet, 0.1), (LFAMPlainConvUNet, None),
                                      (LFAMPreActResUNet, None), (ANUNet, None)):
         network = network_class(**kwargs)
         estimated = network.compute_conv_feature_map_size(size) / plain_estimate
-        kept = _kept_elements(network, x) / plain_kept
+        kept = kept_for_backward(network, x) / plain_kept
         assert estimated >= kept * 0.95, (network_class.__name__, estimated, kept)
         if tolerance is not None:
             assert estimated == pytest.approx(kept, rel=tolerance), network_class.__name__

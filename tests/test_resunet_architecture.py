@@ -16,6 +16,7 @@ from nnunet_ext.architectures.resunet import (LFAMPreActResUNet, NearestUpsampli
                                               PreActResUNet)
 from nnunet_ext.nn.deformable_conv import DeformableConv
 from nnunet_ext.training.resunet_mixins import ResUNetArchitectureMixin, ResUNetLFAMArchitectureMixin
+from trainer_helpers import kept_for_backward
 
 
 def plain_kwargs(ndim: int, deep_supervision: bool = True, n_conv: int = 2) -> dict:
@@ -183,22 +184,6 @@ def test_paper_preset_parameter_count():
     assert [s.shape[2:] for s in net.encoder(x)] == [(32, 32), (16, 16), (8, 8), (4, 4)]  # three down-samplings
 
 
-def _kept_for_backward(net, x) -> int:
-    """Elements autograd keeps for backward (unique storages, parameters excluded)."""
-    parameters = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            kept[storage.data_ptr()] = storage.nbytes() // t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize('network', [PreActResUNet, LFAMPreActResUNet])
 @pytest.mark.parametrize('deep_supervision', [True, False])
 def test_feature_map_estimate_counts_the_stored_tensors(network, deep_supervision):
@@ -210,7 +195,7 @@ def test_feature_map_estimate_counts_the_stored_tensors(network, deep_supervisio
     net = network(**kwargs)
     size = (4, 16, 16)
     x = torch.randn(1, 2, *size)
-    kept = _kept_for_backward(net, x)
+    kept = kept_for_backward(net, x)
     estimate = int(net.compute_conv_feature_map_size(size))
     with torch.no_grad():
         outputs = net(x)

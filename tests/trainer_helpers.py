@@ -76,3 +76,20 @@ def batch(trainer, batch_size, seed=0):
         else:
             targets.append(labels.double())
     return outputs, targets
+
+
+def kept_for_backward(network, x) -> int:
+    """Elements autograd keeps for backward when ``network(x)`` runs (``saved_tensors_hooks``; unique
+    storages, parameters excluded): the oracle for "the estimate counts what the network keeps"."""
+    parameters = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        network(x)
+    return sum(kept.values())
