@@ -1,4 +1,4 @@
-"""ANU-Net (attention-based nested U-Net, ``shared/papers/anunet_attention_nested_unet.md``) and
+"""ANU-Net (attention-based nested U-Net, ``docs/methods/anunet.md``) and
 UNet++ (the same nested decoder without attention gates, the paper's main ablation) on nnU-Net's
 planned topology.
 

@@ -1,4 +1,4 @@
-"""U-Nets with instructive feature enhancement (IFE, ``shared/papers/ife_instructive_feature_enhancement.md``,
+"""U-Nets with instructive feature enhancement (IFE, ``docs/methods/ife.md``,
 Section 2.3, Fig. 4) on chosen encoder skips.
 
 nnU-Net's own networks (``PlainConvUNet``, ``ResidualEncoderUNet``: same encoder, decoder, plans

@@ -1,5 +1,5 @@
 """The multi-level structural network (MLN; Section 3 and Fig. 4 of
-``shared/papers/multi_level_structural_loss.md``) on nnU-Net's U-Nets.
+``docs/methods/multi-level-structural.md``) on nnU-Net's U-Nets.
 
 The paper's MLN is a ResNet-18/ASPP network with three parallel branches fused by a saliency
 guidance module. Here the backbone is nnU-Net's own network (dynamic-network-architectures'

@@ -1,6 +1,6 @@
 """Pre-activation residual U-Net (ResUNet) of Zhang, Liu & Wang, "Road extraction by deep residual U-Net"
 (IEEE GRSL 2018, arXiv:1711.10684), the network of the ResUNet liver paper
-(``shared/papers/resunet_liver_tumor_ct.md``, Section II-C, Fig. 7) and the "Residual U-Net" baseline of
+(``docs/methods/resunet.md``, Section II-C, Fig. 7) and the "Residual U-Net" baseline of
 the GODC/LFAM paper (Table I), on nnU-Net's plans topology.
 
 Why not dynamic-network-architectures' ``ResidualEncoderUNet``: its ``BasicBlockD`` is post-activation

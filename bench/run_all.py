@@ -13,6 +13,11 @@ listed under "Failures" (the exit code is then 1); the others are measured.
     python bench/run_all.py                                    # all trainers, 2d and 3d_fullres (long on a CPU)
     python bench/run_all.py -tr nnUNetTrainerGODC --rounds 3   # a quick check
     python bench/run_all.py --device cuda -o bench/RESULTS_gpu.md
+
+Numbers from a shared machine mislead, so the machine's load is part of the result: ``uptime`` before and
+after is written into the file's header, and when the 1-minute load average exceeds the number of logical
+CPUs before the run (other processes are already competing) or after it, the output file is not
+written (exit code 3) unless ``--force``; on a CPU the run itself keeps about ``torch`` threads busy.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import datetime
 import gc
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -100,8 +106,18 @@ def measure_configuration(configuration: str, dataset_id: int, names: List[str],
     return out
 
 
+def uptime() -> str:
+    """``uptime``'s line (load averages over 1, 5 and 15 minutes)."""
+    return subprocess.run(['uptime'], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def overloaded(load_1min: float) -> bool:
+    """More runnable processes on average than logical CPUs: timings are not results."""
+    return load_1min > (os.cpu_count() or 1)
+
+
 def results_markdown(results: Dict[str, dict], args, device, method: str, command: str, failures, started,
-                     seconds: float, load) -> str:
+                     seconds: float, load, uptimes) -> str:
     import torch
     device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
     lines = ['# Benchmarks: every trainer against nnUNetTrainer', '',
@@ -109,8 +125,10 @@ def results_markdown(results: Dict[str, dict], args, device, method: str, comman
              f'- date: {started.isoformat(timespec="seconds")}, {seconds / 60:.1f} min',
              f'- machine: {platform.platform()}, {platform.processor() or platform.machine()}, '
              f'{os.cpu_count()} logical CPUs, device {device} ({device_name}), torch threads {torch.get_num_threads()}',
-             f'- load average (1 min) at start / end: {load[0]:.1f} / {os.getloadavg()[0]:.1f} (other processes '
-             f'compete for the CPUs above about {os.cpu_count()}: timings then vary from round to round)',
+             f'- load average (1 min) at start / end: {load[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} '
+             f'logical CPUs (other processes compete for the CPUs above about {os.cpu_count()}: timings then vary '
+             f'from round to round){" -- written with --force" if args.force else ""}',
+             f'- `uptime` before: `{uptimes[0]}`; after: `{uptimes[1]}`',
              f'- versions: Python {platform.python_version()}, torch {torch.__version__}, nnunetv2 {version("nnunetv2")}, '
              f'nnunet-ext {version("nnunet-ext")}, numpy {version("numpy")}',
              f'- settings: {args.rounds} timed training steps per trainer after {args.warmup} warm-up steps; '
@@ -165,6 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument('--inference-cases', type=int, default=2, help='cases per inference round (default: 2)')
     parser.add_argument('--group', type=int, default=4, help='trainers per process-local group (default: 4)')
     parser.add_argument('-o', default=os.path.join(HERE, 'RESULTS.md'), help='output (default: bench/RESULTS.md)')
+    parser.add_argument('--force', action='store_true',
+                        help='write the results even when the load average exceeds the number of logical CPUs')
     parser.add_argument('--no_pbar', action='store_true')
     args = parser.parse_args(argv)
     for option in ('rounds', 'inference_rounds', 'inference_cases', 'group'):
@@ -188,7 +208,11 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     meter, method = peak_memory_meter(device)
     command = 'python bench/run_all.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    started, load = datetime.datetime.now(), os.getloadavg()
+    started, load, before = datetime.datetime.now(), os.getloadavg(), uptime()
+    if overloaded(load[0]) and not args.force:
+        print(f'not run: the machine is loaded ({before}; {os.cpu_count()} logical CPUs): its timings would not be '
+              f'results. Run on an idle machine, or pass --force.', file=sys.stderr)
+        return 3
     failures, results = [], {}
     per_configuration = len(_groups(names, args.group)) * (args.warmup + args.rounds + 1 + args.inference_rounds)
     with tempfile.TemporaryDirectory(prefix='nnunet_ext_bench_') as root, \
@@ -198,9 +222,14 @@ def main(argv=None) -> int:
             results[configuration] = measure_configuration(configuration, 980 + i, names, args, device, meter,
                                                            failures, bar)
     seconds = (datetime.datetime.now() - started).total_seconds()
-    text = results_markdown(results, args, device, method, command, failures, started, seconds, load)
-    _write_atomic(text, args.o)
+    after = uptime()
+    text = results_markdown(results, args, device, method, command, failures, started, seconds, load, (before, after))
     print(text)
+    if overloaded(os.getloadavg()[0]) and not args.force:
+        print(f'{args.o} NOT written: the machine was loaded at the end ({after}; {os.cpu_count()} logical CPUs). '
+              f'Rerun on an idle machine, or pass --force.', file=sys.stderr)
+        return 3
+    _write_atomic(text, args.o)
     for configuration, name, stage, message, trace in failures:
         print(f'FAILED {configuration} {name} ({stage}): {message}\n{trace}', file=sys.stderr)
     print(f'written: {args.o}')

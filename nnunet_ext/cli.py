@@ -77,12 +77,20 @@ def _cmd_demo(args) -> None:
                           iterations_per_epoch=args.iterations_per_epoch, device=device))
 
 
+def _add_hd95_argument(parser) -> None:
+    parser.add_argument('--hd95', choices=['pooled', 'max'], default='pooled',
+                        help='pooled (default): 95th percentile of both directed surface distances pooled '
+                             '(MedPy\'s hd95); max: the larger of the two directed 95th percentiles (MONAI, '
+                             'DeepMind surface-distance). Recorded in the summary as "hd95".')
+
+
 def _cmd_evaluate(args) -> None:
     from nnunet_ext.evaluation.evaluate import evaluate_folders
     from nnunet_ext.evaluation.summary import format_table
     arguments = {k: v for k, v in vars(args).items() if k != 'func'}
     summary = evaluate_folders(args.pred, args.gt, args.d, args.o, args.np, args.labels, arguments,
-                               progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr))
+                               progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr),
+                               hd95=args.hd95)
     print(format_table(summary['per_class']))
     print(f"summary: {summary['output_file']}")
 
@@ -92,7 +100,8 @@ def _cmd_compare(args) -> None:
     from nnunet_ext.evaluation.report import markdown_table, pooled_table
     arguments = {k: v for k, v in vars(args).items() if k != 'func'}
     result, files = run_compare(args.dataset, args.c, args.tr, args.p, args.f, args.o, args.np, arguments,
-                                progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr))
+                                progress=not args.no_pbar, log=lambda line: print(line, file=sys.stderr),
+                                hd95=args.hd95)
     print(markdown_table(pooled_table(result.content)))
     print(f"report: {files['markdown']} (and {files['html']}; per-case numbers: {files['json']})")
 
@@ -171,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-o', metavar='JSON', default=None, help='summary file (default: PRED/summary_nnunet_ext.json)')
     p.add_argument('-np', type=int, default=2, help='processes (default: 2)')
     p.add_argument('--labels', type=int, nargs='+', default=None, help='evaluate these labels (one class each)')
+    _add_hd95_argument(p)
     p.add_argument('--no_pbar', action='store_true')
     p.set_defaults(func=_cmd_evaluate)
 
@@ -197,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='output folder (default: $nnUNet_results/DATASET/compare_CONFIG; a previous report there '
                         'is replaced)')
     p.add_argument('-np', type=int, default=2, help='processes for the evaluation (default: 2)')
+    _add_hd95_argument(p)
     p.add_argument('--no_pbar', action='store_true')
     p.set_defaults(func=_cmd_compare)
 

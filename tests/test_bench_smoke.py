@@ -52,3 +52,23 @@ def test_cpu_peak_memory_meter_sees_a_known_allocation():
     peak = meter(allocate)
     assert size_mib * 0.95 <= peak <= size_mib * 1.5, peak
     assert meter(lambda: None) < 8  # nothing allocated: (almost) nothing measured
+
+
+def _run_all_module():
+    sys.path.insert(0, BENCH)
+    try:
+        import run_all
+    finally:
+        sys.path.remove(BENCH)
+    return run_all
+
+
+def test_run_all_refuses_a_loaded_machine_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    run_all = _run_all_module()
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, 'getloadavg', lambda: (cores + 0.5, cores + 0.5, cores + 0.5))
+    out = tmp_path / 'R.md'
+    assert run_all.main(['-tr', 'nnUNetTrainerGODC', '-o', str(out), '--no_pbar']) == 3
+    assert not out.exists() and 'loaded' in capsys.readouterr().err
+    assert run_all.overloaded(cores + 0.01) and not run_all.overloaded(cores)
+    assert 'load average' in run_all.uptime()

@@ -222,6 +222,21 @@ def test_compare_report_numbers_plots_and_missing_items(tree):
     assert not [n for n in os.listdir(tree) if n.startswith('.')]
 
 
+@pytest.mark.parametrize('hd95', ['pooled', 'max'])
+def test_hd95_definition_is_applied_and_recorded(tree, hd95):
+    from test_metrics import oracle  # brute force: surfaces and distances by loops over voxels
+    content = compare(DATASET, '2d', trainers=['nnUNetTrainerGODC'], folds=[0], num_processes=1, progress=False,
+                      log=lambda line: None, hd95=hd95).content
+    assert content['hd95'] == hd95 and ('MONAI' if hd95 == 'max' else 'MedPy') in content['conventions']['HD95']
+    shift = TREE['nnUNetTrainerGODC'][0][0]
+    for c in content['per_case']:
+        i = CASES.index(c['case'])
+        expected = oracle(_prediction(i, shift) == 1, _reference(i) == 1, c['spacing'], hd95=hd95)['HD95']
+        assert c['metrics']['liver']['HD95'] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(UserInputError, match='--hd95'):
+        compare(DATASET, '2d', folds=[0], num_processes=1, progress=False, log=lambda line: None, hd95='mean')
+
+
 def test_reference_absent_and_trainer_without_folds(tree):
     result = compare(DATASET, '2d', trainers=['nnUNetTrainerGODC'], folds=[0], num_processes=1, progress=False,
                      log=lambda line: None)

@@ -3,6 +3,7 @@ masks with a suffix, DRIVE TIF images + GIF masks, multi-class grey-value masks)
 fixtures' own arrays; nnU-Net's verify_dataset_integrity on the result; bad input refused."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
 from cli_helpers import assert_refused, run, verify_raw_dataset
+from nnunet_ext.conversion.folder2d import PRESETS
 
 SIZE = (40, 52)  # rows, columns
 
@@ -27,6 +31,21 @@ def _binary(seed: int) -> np.ndarray:
     r, c = 8 + seed % 5, 10 + seed % 7
     mask[r:r + 16, c:c + 20] = 1
     return mask
+
+
+def assert_preset_card(dataset: dict, label: str, citation: str, licence: str):
+    """A preset names its label and fills reference, citation and licence; nnU-Net's fields stay."""
+    assert dataset['labels'] == {'background': 0, label: 1}
+    assert citation in dataset['citation'] and licence in dataset['licence'] and dataset['reference'].startswith('https://')
+    assert dataset['converted_by'].startswith('nnunet-ext ') and dataset['numTraining'] >= 1
+    assert {'channel_names', 'labels', 'numTraining', 'file_ending', 'name', 'description'} <= set(dataset)
+
+
+def test_every_preset_has_its_label_name():
+    assert {name: p.card.label for name, p in PRESETS.items()} == {'kvasir': 'polyp', 'isic': 'lesion',
+                                                                   'drive': 'vessel', 'cvc': 'polyp'}
+    assert all(p.card.citation and p.card.licence and p.card.reference.startswith('https://')
+               for p in PRESETS.values())
 
 
 def _png(path):
@@ -49,6 +68,7 @@ def test_kvasir_jpegs_keep_rgb_binarise_noisy_masks_and_split_test_cases(tmp_pat
     verify_raw_dataset(target)
     dataset = json.load(open(os.path.join(target, 'dataset.json')))
     assert dataset['channel_names'] == {'0': 'R', '1': 'G', '2': 'B'} and dataset['file_ending'] == '.png'
+    assert_preset_card(dataset, 'polyp', 'Kvasir-SEG', 'simula.no')
     for i, stem in enumerate(stems):
         split = 'Ts' if i == 3 else 'Tr'
         image = _png(os.path.join(target, f'images{split}', f'{stem}_0000.png'))
@@ -68,6 +88,7 @@ def test_isic_suffix_and_grey_conversion(tmp_path, env):
     run(['nnunet-ext', 'convert', 'folder2d', str(src), '--preset', 'isic', '--id', '602', '--grey', '-np', '1'], env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset602_Images2D')
     verify_raw_dataset(target)
+    assert_preset_card(json.load(open(os.path.join(target, 'dataset.json'))), 'lesion', 'ISIC', 'CC BY-NC 4.0')
     for i in range(2):
         rgb = np.asarray(Image.open(src / 'ISIC2018_Task1-2_Training_Input' / f'ISIC_000000{i}.jpg')).astype(float)
         luma = rgb @ np.array([299, 587, 114]) / 1000  # ITU-R 601-2, PIL's "L"
@@ -87,6 +108,7 @@ def test_drive_tif_images_gif_masks_with_suffixes_and_resize(tmp_path, env):
         env)
     target = os.path.join(env['nnUNet_raw'], 'Dataset603_Images2D')
     verify_raw_dataset(target)
+    assert_preset_card(json.load(open(os.path.join(target, 'dataset.json'))), 'vessel', 'Staal', 'research')
     for n in (21, 22):
         assert _png(os.path.join(target, 'imagesTr', f'{n}_0000.png')).shape == (20, 26, 3)
         # nearest-neighbour down-sampling by 2 of the mask: PIL samples the pixel at 2i + 1 of each axis
@@ -105,8 +127,11 @@ def test_grey_value_masks_map_to_classes_and_an_unlisted_value_is_refused(tmp_pa
     target = os.path.join(env['nnUNet_raw'], 'Dataset604_Images2D')
     expected = np.select([grey == 128, grey == 255], [1, 2], 0)
     np.testing.assert_array_equal(_png(os.path.join(target, 'labelsTr', 'a.png')), expected)
-    assert json.load(open(os.path.join(target, 'dataset.json')))['labels'] == {'background': 0, 'grey_128': 1,
-                                                                               'grey_255': 2}
+    dataset = json.load(open(os.path.join(target, 'dataset.json')))
+    assert dataset['labels'] == {'background': 0, 'grey_128': 1, 'grey_255': 2}
+    # no preset: nothing is known about the collection, so nnU-Net's own licence field stays
+    assert dataset['licence'] == inspect.signature(generate_dataset_json).parameters['license'].default
+    assert 'reference' not in dataset and dataset['converted_by'].startswith('nnunet-ext ')
     grey[0, 0] = 77
     Image.fromarray(grey).save(src / 'masks' / 'a.png')
     result = run(['nnunet-ext', 'convert', 'folder2d', str(src), '--id', '605', '--mask-values', '0', '128', '255'],

@@ -1,5 +1,5 @@
 """Unit tests of the pure-PyTorch deformable convolution (``nnunet_ext.nn.deformable_conv``), the operator of
-LFAM (Fig. 2 of ``shared/papers/godc_lfam_gradient_optimized_dice.md``; DCNv1 of Dai et al. 2017, modulated
+LFAM (Fig. 2 of ``docs/methods/godc-lfam.md``; DCNv1 of Dai et al. 2017, modulated
 DCNv2 of Zhu et al. 2019), against independent oracles:
 
 * ``F.conv2d`` / ``F.conv3d``: zero offsets and unit mask; integer offsets equal a conv of the shifted,

@@ -95,7 +95,7 @@ def _equal(json_value, expected):
     return json_value is not None and math.isclose(json_value, expected, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def _check_against_oracle(summary, setup, masks, ignore=None):
+def _check_against_oracle(summary, setup, masks, ignore=None, hd95='pooled'):
     """Every per-case number and every per-class mean/median/n_nan against the oracle."""
     assert [c['case'] for c in summary['metric_per_case']] == sorted(setup['cases'])
     for name, to_mask in masks.items():
@@ -104,7 +104,7 @@ def _check_against_oracle(summary, setup, masks, ignore=None):
             pred, ref = setup['cases'][entry['case']]
             assert entry['spacing'] == pytest.approx(SPACING, rel=1e-6)  # z, y, x; float32 in the header
             evaluated = None if ignore is None else ref != ignore
-            expected = oracle(to_mask(pred), to_mask(ref), entry['spacing'], evaluated)
+            expected = oracle(to_mask(pred), to_mask(ref), entry['spacing'], evaluated, hd95)
             expected_rows.append(expected)
             for key, value in expected.items():
                 assert _equal(entry['metrics'][name][key], value), (entry['case'], name, key,
@@ -125,7 +125,8 @@ def test_dataset_labels_and_ignore_label(setup):
     assert [c['name'] for c in summary['classes']] == ['liver', 'tumour']
     assert summary['ignore_label'] == IGNORE and summary['dataset'] == 'Dataset997_EvalToy'
     assert summary['arguments']['d'] == '997' and summary['arguments']['np'] == 2
-    assert 'Dice' in summary['conventions'] and 'HD95' in summary['conventions']
+    assert 'Dice' in summary['conventions'] and 'MedPy' in summary['conventions']['HD95']
+    assert summary['hd95'] == 'pooled' and summary['arguments']['hd95'] == 'pooled'  # the documented default
     _check_against_oracle(summary, setup, {'liver': lambda s: s == 1, 'tumour': lambda s: s == 2}, ignore=IGNORE)
     tumour = summary['per_class']['tumour']
     assert tumour['HD95']['n_nan'] == 1 and tumour['counts']['prediction_empty'] == 1
@@ -134,6 +135,20 @@ def test_dataset_labels_and_ignore_label(setup):
     pred, ref = setup['cases']['case_002']
     case = next(c for c in summary['metric_per_case'] if c['case'] == 'case_002')
     assert case['metrics']['liver']['FP'] != oracle(pred == 1, ref == 1, SPACING)['FP']
+
+
+def test_hd95_max_is_recorded_and_equals_the_oracle(setup):
+    out = os.path.join(str(setup['root']), 'summary_max.json')
+    _evaluate(setup, setup['pred'], setup['gt'], '-d', '997', '-np', '1', '--hd95', 'max', '-o', out)
+    with open(out, encoding='utf-8') as f:
+        summary = json.load(f)
+    assert summary['hd95'] == 'max' and 'MONAI' in summary['conventions']['HD95']
+    _check_against_oracle(summary, setup, {'liver': lambda s: s == 1, 'tumour': lambda s: s == 2}, ignore=IGNORE,
+                          hd95='max')
+    pred, ref = setup['cases']['case_000']
+    spacing = summary['metric_per_case'][0]['spacing']
+    assert not math.isclose(oracle(pred == 1, ref == 1, spacing, ref != IGNORE, 'max')['HD95'],
+                            oracle(pred == 1, ref == 1, spacing, ref != IGNORE, 'pooled')['HD95'])  # discriminates
 
 
 def test_regions(setup):

@@ -1,5 +1,5 @@
 """Unit tests of ``GODCLoss`` (gradient-optimized Dice, Eq. 8 of
-``shared/papers/godc_lfam_gradient_optimized_dice.md``) against independent oracles.
+``docs/methods/godc-lfam.md``) against independent oracles.
 
     L = mean_{b,c} (1 - DC_bc) * w_bc,   w_bc = stopgrad(U_bc / mean_b' U_b'c) ** p,
     DC_bc = (2 I_bc + s) / (sum P_bc + sum G_bc + s),   U_bc = sum (P + G - P G).

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_ext.evaluation import CONVENTIONS, EvaluatedClass, aggregate, case_metrics, format_table, mask_metrics, \
-    surface_distances
+from nnunet_ext.evaluation import CONVENTIONS, HD95_DEFINITIONS, EvaluatedClass, aggregate, case_metrics, \
+    conventions, format_table, mask_metrics, surface_distances
 
 NAN_KEYS = ("Dice", "IoU", "precision", "recall", "HD95", "HD", "ASD", "RVD")
 
@@ -50,8 +50,10 @@ def percentile_linear(values: list, q: float) -> float:
     return v[lo] + (pos - lo) * (v[hi] - v[lo])
 
 
-def oracle(pred: np.ndarray, ref: np.ndarray, spacing, evaluated=None) -> dict:
-    """Every metric by its definition (module docstring of nnunet_ext.evaluation.metrics), looping."""
+def oracle(pred: np.ndarray, ref: np.ndarray, spacing, evaluated=None, hd95: str = 'pooled') -> dict:
+    """Every metric by its definition (module docstring of nnunet_ext.evaluation.metrics), looping.
+    ``hd95``: 'pooled' (percentile of both directed sets together, MedPy) or 'max' (the larger directed
+    percentile, MONAI / surface-distance)."""
     pred, ref = pred.astype(bool), ref.astype(bool)
     if evaluated is not None:
         pred, ref = pred & evaluated, ref & evaluated
@@ -77,8 +79,11 @@ def oracle(pred: np.ndarray, ref: np.ndarray, spacing, evaluated=None) -> dict:
            "volume_pred_mm3": (tp + fp) * float(np.prod(sp)), "volume_ref_mm3": (tp + fn) * float(np.prod(sp))}
     if tp + fp and tp + fn:
         sp_, sr = brute_surface(p2), brute_surface(r2)
-        d = brute_directed(sp_, sr, sp) + brute_directed(sr, sp_, sp)
-        out.update(HD95=percentile_linear(d, 95), HD=max(d), ASD=sum(d) / len(d))
+        to_ref, to_pred = brute_directed(sp_, sr, sp), brute_directed(sr, sp_, sp)
+        d = to_ref + to_pred
+        robust = {'pooled': percentile_linear(d, 95),
+                  'max': max(percentile_linear(to_ref, 95), percentile_linear(to_pred, 95))}[hd95]
+        out.update(HD95=robust, HD=max(d), ASD=sum(d) / len(d))
     else:
         out.update(HD95=nan, HD=nan, ASD=nan)
     return out
@@ -145,19 +150,47 @@ def test_hd95_is_union_percentile_not_max_of_directed():
     max_directed = max(percentile_linear(list(to_ref), 95), percentile_linear(list(to_pred), 95))
     assert not math.isclose(union, max_directed)  # the case discriminates
     assert mask_metrics(pred, ref, spacing)["HD95"] == pytest.approx(union)
+    assert mask_metrics(pred, ref, spacing, hd95='pooled')["HD95"] == pytest.approx(union)
+    assert mask_metrics(pred, ref, spacing, hd95='max')["HD95"] == pytest.approx(max_directed)
+
+
+def test_hd95_max_hand_computed():
+    """Reference: a row of 10 voxels (all surface: rows above and below are outside); prediction: the same
+    row plus one voxel 4 mm beyond its end. P->G: 11 values, 10 at 0 and one at 4 mm (linear 95th
+    percentile at rank 9.5: 2 mm); G->P: 10 zeros. Pooled: 21 values, rank 19: 0. Max: max(2, 0) = 2 mm."""
+    ref = np.zeros((3, 16), bool)
+    ref[1, 0:10] = True
+    pred = ref.copy()
+    pred[1, 12] = True
+    spacing = (1.0, 4 / 3)  # voxel 12 is 3 voxels = 4 mm from voxel 9
+    m_max = mask_metrics(pred, ref, spacing, hd95='max')
+    m_pooled = mask_metrics(pred, ref, spacing)
+    assert m_max["HD95"] == pytest.approx(2.0)
+    assert m_pooled["HD95"] == pytest.approx(0.0)
+    assert m_max["HD"] == m_pooled["HD"] == pytest.approx(4.0)  # only HD95 depends on the choice
+    with pytest.raises(ValueError, match="hd95"):
+        mask_metrics(pred, ref, spacing, hd95='mean')
+
+
+def test_conventions_record_the_hd95_definition():
+    assert conventions() == CONVENTIONS and conventions('pooled')['HD95'] == HD95_DEFINITIONS['pooled']
+    assert 'MONAI' in conventions('max')['HD95'] and 'MedPy' in conventions('pooled')['HD95']
+    assert {k: v for k, v in conventions('max').items() if k != 'HD95'} == \
+        {k: v for k, v in CONVENTIONS.items() if k != 'HD95'}
 
 
 # ---------------------------------------------------------------- brute force, random masks
 
 @pytest.mark.parametrize("shape,spacing", [((7, 6), (0.7, 0.5)), ((5, 6, 7), (3.0, 0.7, 0.5)),
                                            ((4, 5, 6), (1.0, 1.0, 1.0)), ((1, 8, 9), (5.0, 0.8, 0.6))])
-def test_random_masks_against_brute_force(shape, spacing):
+@pytest.mark.parametrize("hd95", ["pooled", "max"])
+def test_random_masks_against_brute_force(shape, spacing, hd95):
     rng = np.random.default_rng(sum(shape))
     for trial in range(6):
         density = (0.2, 0.5, 0.8)[trial % 3]
         pred = rng.random(shape) < density
         ref = rng.random(shape) < density
-        assert_metrics_equal(mask_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+        assert_metrics_equal(mask_metrics(pred, ref, spacing, hd95=hd95), oracle(pred, ref, spacing, hd95=hd95))
 
 
 def test_small_blobs_in_a_large_volume_against_brute_force():
@@ -170,6 +203,7 @@ def test_small_blobs_in_a_large_volume_against_brute_force():
     assert ref.sum() > 10 and pred.sum() > 10
     assert not ref[0].any() and not ref[-1].any()
     assert_metrics_equal(mask_metrics(pred, ref, spacing), oracle(pred, ref, spacing))
+    assert_metrics_equal(mask_metrics(pred, ref, spacing, hd95='max'), oracle(pred, ref, spacing, hd95='max'))
 
 
 def test_2d_image_stored_as_3d_equals_2d():

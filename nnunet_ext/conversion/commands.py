@@ -72,13 +72,15 @@ def _cmd_msd(args, raw_root: str) -> str:
 
 def _cmd_folder2d(args, raw_root: str) -> str:
     from nnunet_ext.conversion.folder2d import PRESETS, Layout, MaskRule, convert_folder2d
-    base = PRESETS[args.preset] if args.preset else Layout('images', 'masks')
+    preset = PRESETS[args.preset] if args.preset else None
+    base = preset.layout if preset else Layout('images', 'masks')
     layout = Layout(args.images or base.images, args.masks or base.masks,
                     base.image_suffix if args.image_suffix is None else args.image_suffix,
                     base.mask_suffix if args.mask_suffix is None else args.mask_suffix)
     rule = MaskRule(threshold=None, values=tuple(args.mask_values)) if args.mask_values else MaskRule(args.threshold)
     target, summary, labels = convert_folder2d(args.input, raw_root, args.id, _name(args), layout, rule, args.grey,
-                                               args.resize, args.split, args.overwrite, args.np)
+                                               args.resize, args.split, args.overwrite, args.np,
+                                               preset.card if preset else None)
     return _report(target, summary, labels)
 
 
@@ -176,7 +178,8 @@ def add_convert_parsers(sub) -> None:
                                             'images/ + masks/), PNG/JPG/TIF/GIF/BMP -> PNG')
     _add_common(p, 'Images2D')
     p.add_argument('--preset', choices=['kvasir', 'isic', 'drive', 'cvc'], default=None,
-                   help='a public layout (folders and suffixes); the options below override it')
+                   help='a public collection: its layout (folders and suffixes; the options below override it), '
+                        'its label name, reference, citation and licence in dataset.json')
     p.add_argument('--images', default=None, help='image folder below INPUT (default: images)')
     p.add_argument('--masks', default=None, help='mask folder below INPUT (default: masks)')
     p.add_argument('--image-suffix', default=None, help='stem suffix of the images, e.g. _training (DRIVE)')

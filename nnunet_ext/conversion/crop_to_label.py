@@ -1,5 +1,5 @@
 """Cropping a converted dataset to the bounding box of one label: the training set of the tumour stage of
-the ResUNet paper's liver-then-tumour cascade (``shared/papers/resunet_liver_tumor_ct.md``, Sections
+the ResUNet paper's liver-then-tumour cascade (``docs/methods/resunet.md``, Sections
 II-E/F: a second network "segments liver tumors based on the region of interest detected by the
 previous network"). ``nnunet-ext convert SOURCE ... --crop-to-label liver`` applies it to any converter's
 output; ``nnunet-ext cascade-predict`` crops and pastes with the same functions at prediction time.

@@ -1,4 +1,4 @@
-"""CT intensity options of the ResUNet paper (``shared/papers/resunet_liver_tumor_ct.md``,
+"""CT intensity options of the ResUNet paper (``docs/methods/resunet.md``,
 pre-processing: "Hounsfield Windowing" to [-100, 400] HU, then "Histogram Equalization", then
 normalisation to [0, 1]), applied identically at conversion (``nnunet-ext convert ... --window LOW HIGH
 --hist-eq``) and to new images before prediction (``nnunet-ext preprocess-images``).

@@ -4,7 +4,9 @@ file per case (RGB kept as its 3 channels R, G, B, or converted to grey with ``-
 label PNG.
 
 Pairing: an image ``<stem><image_suffix>.<ext>`` goes with the mask ``<stem><mask_suffix>.<ext'>`` (any
-of PNG, JPG, TIF, GIF, BMP on either side). Presets give the public layouts:
+of PNG, JPG, TIF, GIF, BMP on either side). Presets give the public layouts, and what ``dataset.json``
+records of each collection (:class:`DatasetCard`: the label name -- kvasir and cvc ``polyp``, isic
+``lesion``, drive ``vessel`` -- reference, citation and licence):
 
 =============  ================================================  ==========================================
 preset         images / masks (below INPUT)                      suffixes (image / mask)
@@ -47,11 +49,51 @@ class Layout:
     mask_suffix: str = ''
 
 
+@dataclass(frozen=True)
+class DatasetCard:
+    """What a preset knows about its public collection, written into ``dataset.json``: the name of the
+    foreground label (binary masks) and nnU-Net's ``reference``, ``citation`` and ``licence`` fields
+    (``generate_dataset_json``'s ``license``; check the source's current terms before sharing)."""
+    label: str
+    reference: str
+    citation: str
+    licence: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    layout: Layout
+    card: DatasetCard
+
+
 PRESETS = {
-    'kvasir': Layout('images', 'masks'),
-    'isic': Layout('ISIC2018_Task1-2_Training_Input', 'ISIC2018_Task1_Training_GroundTruth', '', '_segmentation'),
-    'drive': Layout(os.path.join('training', 'images'), os.path.join('training', '1st_manual'), '_training', '_manual1'),
-    'cvc': Layout('Original', 'Ground Truth'),
+    'kvasir': Preset(Layout('images', 'masks'), DatasetCard(
+        'polyp', 'https://datasets.simula.no/kvasir-seg/',
+        'Jha D, Smedsrud PH, Riegler MA, Halvorsen P, de Lange T, Johansen D, Johansen HD. Kvasir-SEG: A Segmented '
+        'Polyp Dataset. MultiMedia Modeling (MMM 2020), LNCS 11962, pp. 451-462, 2020.',
+        'research and educational use; other uses need the authors\' prior written permission (terms of use at '
+        'https://datasets.simula.no/kvasir-seg/)')),
+    'isic': Preset(Layout('ISIC2018_Task1-2_Training_Input', 'ISIC2018_Task1_Training_GroundTruth', '',
+                          '_segmentation'), DatasetCard(
+        'lesion', 'https://challenge.isic-archive.com/landing/2018/45/',
+        'Codella N, Rotemberg V, Tschandl P, et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge '
+        'Hosted by the International Skin Imaging Collaboration (ISIC). arXiv:1902.03368, 2019. Tschandl P, '
+        'Rosendahl C, Kittler H. The HAM10000 dataset. Sci Data 5, 180161, 2018.',
+        'CC BY-NC 4.0 (ISIC 2018 challenge data, https://challenge.isic-archive.com/data/)')),
+    'drive': Preset(Layout(os.path.join('training', 'images'), os.path.join('training', '1st_manual'), '_training',
+                           '_manual1'), DatasetCard(
+        'vessel', 'https://drive.grand-challenge.org/',
+        'Staal J, Abramoff MD, Niemeijer M, Viergever MA, van Ginneken B. Ridge-based vessel segmentation in color '
+        'images of the retina. IEEE Transactions on Medical Imaging 23(4), 501-509, 2004.',
+        'free of charge for research and educational purposes; copying, redistribution and unauthorised commercial '
+        'use are prohibited; publications must cite Staal et al. 2004 (DRIVE terms of use)')),
+    'cvc': Preset(Layout('Original', 'Ground Truth'), DatasetCard(
+        'polyp', 'https://polyp.grand-challenge.org/CVCClinicDB/',
+        'Bernal J, Sanchez FJ, Fernandez-Esparrach G, Gil D, Rodriguez C, Vilarino F. WM-DOVA maps for accurate '
+        'polyp highlighting in colonoscopy: Validation vs. saliency maps from physicians. Computerized Medical '
+        'Imaging and Graphics 43, 99-111, 2015.',
+        'research use under the terms of the CVC-ClinicDB page (https://polyp.grand-challenge.org/CVCClinicDB/); '
+        'publications must cite Bernal et al. 2015')),
 }
 
 
@@ -68,10 +110,11 @@ class MaskRule:
         elif self.threshold is None or not 1 <= self.threshold <= 255:
             raise UserInputError(f"--threshold must be in 1..255, got {self.threshold}")
 
-    @property
-    def labels(self) -> Dict[str, int]:
+    def labels(self, foreground: str = 'foreground') -> Dict[str, int]:
+        """nnU-Net's ``labels``: binary masks name label 1 ``foreground`` (a preset's label name); grey
+        values ``grey_<value>``."""
         if self.values is None:
-            return {'background': 0, 'foreground': 1}
+            return {'background': 0, foreground: 1}
         return {'background': 0, **{f'grey_{v}': i for i, v in enumerate(self.values) if i > 0}}
 
     def apply(self, case: str, grey: np.ndarray) -> np.ndarray:
@@ -149,7 +192,10 @@ def convert_case(case: str, image_path: str, mask_path: str, image_out: str, lab
 def convert_folder2d(input_folder: str, raw_root: str, dataset_id: int, name: str, layout: Layout,
                      rule: MaskRule = MaskRule(), grey: bool = False, resize: Optional[Sequence[int]] = None,
                      split_file: Optional[str] = None, overwrite: bool = False,
-                     num_processes: int = 2) -> Tuple[str, ConversionSummary, Dict[str, int]]:
+                     num_processes: int = 2, card: Optional[DatasetCard] = None
+                     ) -> Tuple[str, ConversionSummary, Dict[str, int]]:
+    """Converts the collection; ``card`` (a preset's) names the label and fills ``dataset.json``'s reference,
+    citation and licence (without one, nnU-Net's defaults stay). Returns (folder, summary, labels)."""
     images = _index(os.path.join(input_folder, layout.images), layout.image_suffix, 'image')
     masks = _index(os.path.join(input_folder, layout.masks), layout.mask_suffix, 'mask')
     no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
@@ -180,5 +226,9 @@ def convert_folder2d(input_folder: str, raw_root: str, dataset_id: int, name: st
         for split, (_, counts) in zip(splits, run_cases(convert_case, jobs, num_processes, 'images')):
             summary.add(split, (1.0, 1.0), counts)
         channels = {0: 'grey'} if grey else {0: 'R', 1: 'G', 2: 'B'}
-        writer.finish(channels, rule.labels, description=f'2D collection converted by nnunet-ext from {input_folder}')
-    return writer.target, summary, rule.labels
+        labels = rule.labels(card.label) if card is not None else rule.labels()
+        about = {} if card is None else {'reference': card.reference, 'citation': card.citation,
+                                         'license': card.licence}
+        writer.finish(channels, labels, description=f'2D collection converted by nnunet-ext from {input_folder}',
+                      **about)
+    return writer.target, summary, labels

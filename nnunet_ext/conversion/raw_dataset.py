@@ -10,6 +10,7 @@ unless ``overwrite=True`` (the old folder is then replaced at the very end, afte
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -137,14 +138,24 @@ class RawDatasetWriter:
     # --- the end
     def finish(self, channel_names: Dict[int, str], labels: Dict[str, object], **dataset_json_kwargs) -> str:
         """Writes ``dataset.json`` with nnU-Net's ``generate_dataset_json`` (training cases counted from
-        ``labelsTr``). Returns the final dataset folder."""
+        ``labelsTr``; ``converted_by`` names this package unless given). Returns the final dataset folder."""
         from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+        from nnunet_ext import __version__
+        dataset_json_kwargs.setdefault('converted_by', f'nnunet-ext {__version__} (nnunet-ext convert)')
         tmp = self._tmp()
         num_training = len([f for f in os.listdir(os.path.join(tmp, 'labelsTr')) if f.endswith(self.file_ending)])
         if num_training == 0:
             raise UserInputError("no training case was converted (no image/label pair found)")
+        citation = dataset_json_kwargs.pop('citation', None)
         generate_dataset_json(tmp, channel_names, labels, num_training, self.file_ending,
                               dataset_name=self.folder_name, **dataset_json_kwargs)
+        if citation is not None:  # nnU-Net 2.8.1's generate_dataset_json writes `release` as the citation
+            path = os.path.join(tmp, 'dataset.json')
+            with open(path, encoding='utf-8') as f:
+                content = json.load(f)
+            content['citation'] = citation
+            with open(path, 'w', encoding='utf-8') as f:
+                json.dump(content, f, indent=4)
         self._finished = True
         return self.target
 

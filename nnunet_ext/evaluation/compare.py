@@ -32,7 +32,6 @@ import numpy as np
 
 from nnunet_ext import __version__
 from nnunet_ext.errors import UserInputError
-from nnunet_ext.evaluation.metrics import CONVENTIONS
 from nnunet_ext.evaluation.paired_test import WILCOXON_CONVENTION, paired_wilcoxon
 from nnunet_ext.evaluation.results_folders import (FoldRun, find_trainers, inspect_fold, read_training_curves,
                                                    read_validation_splits, trainer_folder)
@@ -97,7 +96,7 @@ def _trainer_order(trainers: Sequence[str]) -> List[str]:
 
 
 def _evaluate_cases(runs: Dict[str, List[FoldRun]], references: Dict[str, str], labels, num_processes: int,
-                    progress: bool) -> List[dict]:
+                    progress: bool, hd95: str) -> List[dict]:
     # the case evaluation of `nnunet-ext evaluate` (same reader, spacing check, metrics), over all folds
     from nnunet_ext.evaluation.evaluate import evaluate_case
     from nnunet_ext.parallel import run_cases
@@ -113,7 +112,7 @@ def _evaluate_cases(runs: Dict[str, List[FoldRun]], references: Dict[str, str], 
         reader_class = determine_reader_writer_from_dataset_json(labels.dataset_json, example, verbose=False)
     except RuntimeError as e:
         raise UserInputError(f"no nnU-Net reader opens {example}: {e}") from None
-    results = run_cases(evaluate_case, [(*job, reader_class, labels.classes, labels.ignore_label) for job in jobs],
+    results = run_cases(evaluate_case, [(*job, reader_class, labels.classes, labels.ignore_label, hd95) for job in jobs],
                         num_processes, "evaluate", progress)
     return [{"trainer": trainer, "fold": fold, **result} for (trainer, fold), result in zip(keys, results)]
 
@@ -151,20 +150,22 @@ def _wilcoxon(per_case: List[dict], trainers: Sequence[str], class_names: Sequen
 
 def compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] = None, plans: str = "nnUNetPlans",
             folds: Sequence[int] = DEFAULT_FOLDS, num_processes: int = 2, arguments: Optional[dict] = None,
-            progress: bool = True, log: Callable[[str], None] = print) -> CompareResult:
+            progress: bool = True, log: Callable[[str], None] = print, hd95: str = "pooled") -> CompareResult:
     """Gathers, evaluates and compares (see the module docstring); writes nothing.
 
     Args:
         trainers: trainer class names (default: every ``TRAINER__PLANS__CONFIG`` folder of the dataset).
         log: receives the lines for the user (what is compared, and every missing item).
+        hd95: ``'pooled'`` (MedPy) or ``'max'`` (MONAI, surface-distance); recorded as ``hd95``.
     """
     if num_processes < 1:
         raise UserInputError(f"-np must be >= 1, got {num_processes}")
+    from nnunet_ext.evaluation.evaluate import hd95_conventions, dataset_labels
+    metric_conventions = hd95_conventions(hd95)
     folds = list(dict.fromkeys(int(f) for f in folds))
     if not folds or any(f < 0 for f in folds):
         raise UserInputError(f"-f takes fold numbers >= 0, got {folds}")
     name = _dataset_name(dataset)
-    from nnunet_ext.evaluation.evaluate import dataset_labels
     labels = dataset_labels(name)
     results_folder = os.path.join(os.environ["nnUNet_results"], name)
     preprocessed_folder = os.path.join(os.environ["nnUNet_preprocessed"], name)
@@ -204,7 +205,7 @@ def compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] 
     for line in problems:
         log(f"missing: {line}")
 
-    per_case = _evaluate_cases(runs, references, labels, num_processes, progress)
+    per_case = _evaluate_cases(runs, references, labels, num_processes, progress, hd95)
     class_names = [c.name for c in labels.classes]
     per_trainer = {}
     for trainer in trainers:
@@ -220,7 +221,7 @@ def compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] 
         "dataset": name, "configuration": configuration, "plans": plans, "folds": folds, "trainers": trainers,
         "reference_trainer": REFERENCE_TRAINER, "reference_folder": reference_folder,
         "classes": [{"name": c.name, "labels": list(c.labels), "region": c.is_region} for c in labels.classes],
-        "ignore_label": labels.ignore_label, "problems": problems,
+        "ignore_label": labels.ignore_label, "hd95": hd95, "problems": problems,
         "runs": {t: [{"fold": r.fold, "folder": r.folder, "exists": r.exists, "evaluated_cases": sorted(r.predictions),
                       "expected_cases": None if r.expected is None else list(r.expected),
                       "missing_predictions": list(r.missing_predictions), "checkpoint": r.checkpoint,
@@ -229,7 +230,7 @@ def compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] 
         "wilcoxon": _wilcoxon(per_case, trainers, class_names),
         "curves": curves,
         "per_case": per_case,
-        "conventions": {**CONVENTIONS, **COMPARE_CONVENTIONS},
+        "conventions": {**metric_conventions, **COMPARE_CONVENTIONS},
         "arguments": arguments or {},
     }
     if "skipped" in content["wilcoxon"]:
@@ -295,10 +296,10 @@ def write_report(result: CompareResult, output_folder: str) -> Dict[str, str]:
 def run_compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] = None,
                 plans: str = "nnUNetPlans", folds: Sequence[int] = DEFAULT_FOLDS, output_folder: Optional[str] = None,
                 num_processes: int = 2, arguments: Optional[dict] = None, progress: bool = True,
-                log: Callable[[str], None] = print) -> Tuple[CompareResult, Dict[str, str]]:
+                log: Callable[[str], None] = print, hd95: str = "pooled") -> Tuple[CompareResult, Dict[str, str]]:
     """``nnunet-ext compare``: checks the output folder first (default :func:`default_output_folder`),
     then :func:`compare` and :func:`write_report`. Returns the result and ``{kind: path}``."""
     output_folder = check_output_folder(output_folder or default_output_folder(_dataset_name(dataset), configuration,
                                                                                plans))
-    result = compare(dataset, configuration, trainers, plans, folds, num_processes, arguments, progress, log)
+    result = compare(dataset, configuration, trainers, plans, folds, num_processes, arguments, progress, log, hd95)
     return result, write_report(result, output_folder)

@@ -20,11 +20,12 @@ import numpy as np
 
 from nnunet_ext import __version__
 from nnunet_ext.errors import UserInputError, name_some
-from nnunet_ext.evaluation.metrics import CONVENTIONS, EvaluatedClass, case_metrics
+from nnunet_ext.evaluation.metrics import EvaluatedClass, case_metrics, conventions
 from nnunet_ext.evaluation.summary import aggregate, nan_to_none
 from nnunet_ext.parallel import run_cases
 
-__all__ = ["DEFAULT_SUMMARY_NAME", "DatasetLabels", "evaluate_folders", "dataset_labels", "write_json_atomic"]
+__all__ = ["DEFAULT_SUMMARY_NAME", "DatasetLabels", "evaluate_folders", "dataset_labels", "hd95_conventions",
+           "write_json_atomic"]
 
 DEFAULT_SUMMARY_NAME = "summary_nnunet_ext.json"
 SPACING_RTOL = 1e-3
@@ -136,7 +137,7 @@ def _reference_labels(reader_class, path: str) -> List[int]:
 
 
 def evaluate_case(case: str, pred_file: str, ref_file: str, reader_class, classes: Sequence[EvaluatedClass],
-                   ignore_label: Optional[int]) -> dict:
+                   ignore_label: Optional[int], hd95: str = "pooled") -> dict:
     pred, pred_spacing = _read(reader_class, pred_file)
     ref, spacing = _read(reader_class, ref_file)
     if pred.shape != ref.shape:
@@ -147,7 +148,15 @@ def evaluate_case(case: str, pred_file: str, ref_file: str, reader_class, classe
                              f"(relative tolerance {SPACING_RTOL})")
     return {"case": case, "prediction_file": os.path.abspath(pred_file),
             "reference_file": os.path.abspath(ref_file), "shape": list(ref.shape), "spacing": list(spacing),
-            "metrics": case_metrics(pred, ref, classes, spacing, ignore_label)}
+            "metrics": case_metrics(pred, ref, classes, spacing, ignore_label, hd95)}
+
+
+def hd95_conventions(hd95: str) -> dict:
+    """The summary's conventions for the HD95 definition ``hd95``; an unknown one is the user's error."""
+    try:
+        return conventions(hd95)
+    except ValueError as e:
+        raise UserInputError(f"--hd95: {e}") from None
 
 
 def write_json_atomic(content: dict, path: str) -> None:
@@ -183,7 +192,7 @@ def _classes_from_labels(labels: Sequence[int], known: Optional[DatasetLabels]) 
 def evaluate_folders(pred_folder: str, ref_folder: str, dataset: Optional[str] = None,
                      output_file: Optional[str] = None, num_processes: int = 2,
                      labels: Optional[Sequence[int]] = None, arguments: Optional[dict] = None,
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, log=print, hd95: str = "pooled") -> dict:
     """Evaluates every case of ``pred_folder`` against ``ref_folder``; writes and returns the summary.
 
     Args:
@@ -195,12 +204,14 @@ def evaluate_folders(pred_folder: str, ref_folder: str, dataset: Optional[str] =
         labels: evaluate these labels (each its own class) instead of the dataset's classes.
         arguments: recorded in the summary as ``arguments`` (the command line's options).
         log: receives the lines to show the user (which classes, which reader).
+        hd95: ``'pooled'`` (MedPy) or ``'max'`` (MONAI, surface-distance); recorded as ``hd95``.
     """
     for role, folder in (('prediction', pred_folder), ('reference', ref_folder)):
         if not os.path.isdir(folder):
             raise UserInputError(f"{role} folder {folder} does not exist or is not a folder")
     if num_processes < 1:
         raise UserInputError(f"-np must be >= 1, got {num_processes}")
+    summary_conventions = hd95_conventions(hd95)
     output_file = output_file or os.path.join(pred_folder, DEFAULT_SUMMARY_NAME)
     if os.path.isdir(output_file):
         raise UserInputError(f"output {output_file} is a folder; give a file name (-o summary.json)")
@@ -243,14 +254,14 @@ def evaluate_folders(pred_folder: str, ref_folder: str, dataset: Optional[str] =
     log(f"classes: {', '.join(described)} [{source}]"
         + (f"; voxels with the ignore label {ignore_label} are not evaluated" if ignore_label is not None else ""))
 
-    per_case = run_cases(evaluate_case, [(case, pred, ref, reader_class, classes, ignore_label)
+    per_case = run_cases(evaluate_case, [(case, pred, ref, reader_class, classes, ignore_label, hd95)
                                           for case, pred, ref in cases], num_processes, 'evaluate', progress)
     class_names = [c.name for c in classes]
     summary = {
         "nnunet_ext_version": __version__,
         "arguments": arguments if arguments is not None else {
             "pred_folder": pred_folder, "ref_folder": ref_folder, "dataset": dataset, "output_file": output_file,
-            "num_processes": num_processes, "labels": list(labels) if labels else None},
+            "num_processes": num_processes, "labels": list(labels) if labels else None, "hd95": hd95},
         "output_file": os.path.abspath(output_file),
         "prediction_folder": os.path.abspath(pred_folder),
         "reference_folder": os.path.abspath(ref_folder),
@@ -260,7 +271,8 @@ def evaluate_folders(pred_folder: str, ref_folder: str, dataset: Optional[str] =
         "classes": [{"name": c.name, "labels": list(c.labels), "region": c.is_region} for c in classes],
         "classes_source": source,
         "ignore_label": ignore_label,
-        "conventions": dict(CONVENTIONS),
+        "hd95": hd95,
+        "conventions": summary_conventions,
         "per_class": aggregate([c["metrics"] for c in per_case], class_names),
         "metric_per_case": per_case,
     }

@@ -1,6 +1,6 @@
-"""Per-case segmentation metrics of one prediction against its reference: the metrics the papers in
-``shared/papers/`` report (ANU-Net Eqs. 9-12, GODC Eqs. 9-11, IFE's Table 1, the multi-level loss
-paper's HD), per class (label) or per region (a union of labels, nnU-Net's region-based datasets).
+"""Per-case segmentation metrics of one prediction against its reference: the metrics the papers
+report (ANU-Net Eqs. 9-12, GODC Eqs. 9-11, IFE's Table 1, the multi-level loss paper's HD; references in
+``docs/methods/``), per class (label) or per region (a union of labels, nnU-Net's region-based datasets).
 
 With P the predicted mask, G the reference mask, TP/FP/FN/TN the voxel counts:
 
@@ -9,7 +9,10 @@ With P the predicted mask, G the reference mask, TP/FP/FN/TN the voxel counts:
 * precision = TP / (TP + FP), recall = TP / (TP + FN)  (ANU-Net Eqs. 11-12, GODC Eqs. 10-11)
 * RVD = (|P| - |G|) / |G|  (relative volume difference, signed: > 0 over-segments; IFE's RVD, as
   MedPy's ``ravd``)
-* HD95 = 95th percentile of the union of both directed surface-distance sets, HD = its maximum (the
+* HD95, two definitions in use (``hd95``, see below): ``'pooled'`` (the default) = the 95th percentile of
+  the union of both directed surface-distance sets (MedPy's ``hd95``); ``'max'`` = the larger of the two
+  directed 95th percentiles (MONAI's ``compute_hausdorff_distance(percentile=95)``, DeepMind's
+  ``surface-distance`` ``compute_robust_hausdorff(..., 95)``). HD = the maximum of the union (the
   Hausdorff distance of the multi-level loss paper), ASD = mean of that union (average symmetric
   surface distance of Heimann et al., IEEE TMI 2009, as in SLIVER07/LiTS). All in mm.
 * volumes of P and G in mm^3 (voxel count times the voxel volume) and the voxel counts.
@@ -28,9 +31,13 @@ Surfaces and distances
     has its outward neighbour outside the union, so it is a surface voxel with or without the crop,
     and the exact distance transform only needs the box that holds both surfaces.
 
-    HD95 uses ``numpy.percentile`` (linear interpolation) on the concatenation of the two directed
-    sets (P -> G and G -> P), as MedPy's ``hd95``; it is *not* the maximum of the two directed 95th
-    percentiles (MONAI's and DeepMind's ``surface-distance`` definition), which is larger or equal.
+    HD95 uses ``numpy.percentile`` (linear interpolation). ``'pooled'`` takes it on the concatenation of
+    the two directed sets (P -> G and G -> P), as MedPy's ``hd95``; ``'max'`` takes it on each directed
+    set and keeps the larger, as MONAI and ``surface-distance`` do (both with numpy's linear
+    percentile; ``surface-distance`` weights by surface area instead of counting voxels, which we do
+    not). ``'max'`` is usually the larger: above both directed percentiles lie at most 5 % of each set,
+    so at most 5 % of their union; only numpy's interpolation between ranks lets the pooled value
+    exceed it, on small surfaces. Published tables use both; compare like with like.
 
 Ignore label
     Voxels whose *reference* is the ignore label are not evaluated: they are removed from both masks
@@ -50,7 +57,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["CONVENTIONS", "METRICS", "EvaluatedClass", "mask_metrics", "case_metrics", "surface_distances"]
+__all__ = ["CONVENTIONS", "HD95_DEFINITIONS", "METRICS", "EvaluatedClass", "conventions", "mask_metrics",
+           "case_metrics", "surface_distances"]
 
 #: Metric names, in the order of the per-case dictionaries (and the summary's table).
 METRICS = ("Dice", "IoU", "precision", "recall", "HD95", "HD", "ASD", "RVD",
@@ -65,8 +73,8 @@ CONVENTIONS: Dict[str, str] = {
     "recall": "TP/(TP+FN); NaN when the reference is empty (whatever the prediction)",
     "RVD": "(|P|-|G|)/|G|, signed (positive: prediction larger); NaN when the reference is empty",
     "HD95": "95th percentile (numpy.percentile, linear) of the union of the two directed surface-distance "
-            "sets P->G and G->P, in mm (MedPy's hd95; not the max of the two directed percentiles); "
-            "NaN when the prediction or the reference is empty",
+            "sets P->G and G->P, in mm (--hd95 pooled: MedPy's hd95; not the max of the two directed "
+            "percentiles); NaN when the prediction or the reference is empty",
     "HD": "maximum of that union (Hausdorff distance), in mm; NaN when either is empty",
     "ASD": "mean of that union (average symmetric surface distance, Heimann et al. 2009), in mm; "
            "NaN when either is empty",
@@ -83,6 +91,25 @@ CONVENTIONS: Dict[str, str] = {
                    "n_nan counts the others; all NaN -> null",
     "json": "NaN is written as null",
 }
+
+#: ``hd95`` choices: ``{name: the HD95 convention written into the summaries}``.
+HD95_DEFINITIONS: Dict[str, str] = {
+    "pooled": CONVENTIONS["HD95"],
+    "max": "the larger of the two directed 95th percentiles (numpy.percentile, linear) of the surface distances "
+           "P->G and G->P, in mm (--hd95 max: MONAI's and DeepMind surface-distance's robust Hausdorff); NaN "
+           "when the prediction or the reference is empty",
+}
+
+
+def _check_hd95(hd95: str) -> str:
+    if hd95 not in HD95_DEFINITIONS:
+        raise ValueError(f"hd95 must be one of {', '.join(HD95_DEFINITIONS)}, got {hd95!r}")
+    return hd95
+
+
+def conventions(hd95: str = "pooled") -> Dict[str, str]:
+    """:data:`CONVENTIONS` with the HD95 entry of the chosen definition (written into every summary)."""
+    return {**CONVENTIONS, "HD95": HD95_DEFINITIONS[_check_hd95(hd95)]}
 
 
 @dataclass(frozen=True)
@@ -156,12 +183,13 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                 evaluated: Optional[np.ndarray] = None) -> Dict[str, float]:
+                 evaluated: Optional[np.ndarray] = None, hd95: str = "pooled") -> Dict[str, float]:
     """All :data:`METRICS` of one binary prediction against one binary reference.
 
     ``evaluated`` (optional, boolean, same shape): the voxels to evaluate; the others (the ignore
-    label) are removed from both masks first.
+    label) are removed from both masks first. ``hd95``: ``'pooled'`` or ``'max'`` (module docstring).
     """
+    _check_hd95(hd95)
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
@@ -181,25 +209,31 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     tn = total - tp - fp - fn
     voxel_volume = float(np.prod([s for s, n in zip(spacing, pred.shape) if n > 1]))
     if n_pred and n_ref:
-        distances = np.concatenate(surface_distances(pred, ref, spacing))
-        hd95, hd, asd = float(np.percentile(distances, 95)), float(distances.max()), float(distances.mean())
+        directed = surface_distances(pred, ref, spacing)
+        distances = np.concatenate(directed)
+        if hd95 == "pooled":
+            hd95_value = float(np.percentile(distances, 95))
+        else:
+            hd95_value = float(max(np.percentile(d, 95) for d in directed))
+        hd, asd = float(distances.max()), float(distances.mean())
     else:
-        hd95 = hd = asd = float('nan')
+        hd95_value = hd = asd = float('nan')
     values = {"Dice": _ratio(2 * tp, 2 * tp + fp + fn), "IoU": _ratio(tp, tp + fp + fn),
               "precision": _ratio(tp, n_pred), "recall": _ratio(tp, n_ref),
-              "HD95": hd95, "HD": hd, "ASD": asd, "RVD": _ratio(n_pred - n_ref, n_ref),
+              "HD95": hd95_value, "HD": hd, "ASD": asd, "RVD": _ratio(n_pred - n_ref, n_ref),
               "volume_pred_mm3": n_pred * voxel_volume, "volume_ref_mm3": n_ref * voxel_volume,
               "n_pred": n_pred, "n_ref": n_ref, "TP": tp, "FP": fp, "FN": fn, "TN": tn}
     return {k: values[k] for k in METRICS}
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, classes: Sequence[EvaluatedClass], spacing: Sequence[float],
-                 ignore_label: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+                 ignore_label: Optional[int] = None, hd95: str = "pooled") -> Dict[str, Dict[str, float]]:
     """``{class name: metrics}`` of one case: label maps ``pred`` and ``ref`` of one shape, the
-    reference's voxel spacing (mm, one per axis), and nnU-Net's ignore label (or None)."""
+    reference's voxel spacing (mm, one per axis), nnU-Net's ignore label (or None) and the HD95
+    definition (``'pooled'`` or ``'max'``)."""
     pred = np.asarray(pred)
     ref = np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
     evaluated = None if ignore_label is None else ref != ignore_label
-    return {c.name: mask_metrics(c.mask(pred), c.mask(ref), spacing, evaluated) for c in classes}
+    return {c.name: mask_metrics(c.mask(pred), c.mask(ref), spacing, evaluated, hd95) for c in classes}

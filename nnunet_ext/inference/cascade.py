@@ -1,4 +1,4 @@
-"""Two-stage liver -> tumour prediction, the ResUNet paper's pipeline (``shared/papers/resunet_liver_tumor_ct.md``,
+"""Two-stage liver -> tumour prediction, the ResUNet paper's pipeline (``docs/methods/resunet.md``,
 Sections II-E/F, Fig. 4 and 8: a first network segments the liver, a second one the tumours "based on the
 region of interest detected by the previous network"), on nnU-Net's own predictor (``nnUNetPredictor``).
 

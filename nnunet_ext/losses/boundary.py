@@ -1,5 +1,5 @@
 """Boundary loss of Kervadec et al. (Eq. 6 of the multi-level structural loss paper,
-``shared/papers/multi_level_structural_loss.md``, Section 2.1.2): the boundary term E_B of Eq. 11.
+``docs/methods/multi-level-structural.md``, Section 2.1.2): the boundary term E_B of Eq. 11.
 
     E_B = mean_{c in foreground} mean_{x in Omega} P_c(x) * Phi_c(x) / s_c,                    (Eq. 6)
 

@@ -1,5 +1,5 @@
 """Gradient-optimized Dice loss (GODC) of "Towards Accurate Medical Image Segmentation With
-Gradient-Optimized Dice Loss" (``shared/papers/godc_lfam_gradient_optimized_dice.md``).
+Gradient-Optimized Dice Loss" (``docs/methods/godc-lfam.md``).
 
 The gradient of the soft Dice loss with respect to a prediction is inversely proportional to the
 soft union ``U = sum(P + G - P*G)`` (Eq. 7): small objects get large steps, large objects small

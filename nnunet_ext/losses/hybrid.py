@@ -1,4 +1,4 @@
-"""Hybrid loss of ANU-Net (``shared/papers/anunet_attention_nested_unet.md``, Section 3.4, Eq. 8):
+"""Hybrid loss of ANU-Net (``docs/methods/anunet.md``, Section 3.4, Eq. 8):
 a focal-style binary cross-entropy term plus soft Dice, for each deep-supervision head.
 
 Eq. 8 reads ``Loss = sum_i ( 1 - [ alpha * Ybar * log(Y_i) / |Y_i - 0.5|^gamma + (2 Y_i Ybar + s) /

@@ -1,5 +1,5 @@
 """The loss of the multi-level structural network (MLN), Eqs. 12-13 of
-``shared/papers/multi_level_structural_loss.md`` (Sections 3.1-3.4, 4.1.1), the fine model's part:
+``docs/methods/multi-level-structural.md`` (Sections 3.1-3.4, 4.1.1), the fine model's part:
 
     L_MLN = E_R(P^region) + alpha E_B^S(P^boundary) + beta E_P(L^pixel) + gamma E_R(P^fusion)      (Eq. 13)
 

@@ -1,5 +1,5 @@
 """Weight schedules of the multi-level structural loss (Eq. 11 of
-``shared/papers/multi_level_structural_loss.md``): ``w_R E_R + alpha E_B + beta E_P`` per epoch.
+``docs/methods/multi-level-structural.md``): ``w_R E_R + alpha E_B + beta E_P`` per epoch.
 
 An epoch here is nnU-Net's (250 iterations by default), counted from 0. ``epochs_per_step``
 stretches a schedule: the paper's epochs on NIH Pancreas-CT are passes over all slices of ~60

@@ -1,5 +1,5 @@
 """Signed distance maps of ground-truth masks: Phi of Eq. 7 in the multi-level structural loss paper
-(``shared/papers/multi_level_structural_loss.md``), the weight map of Kervadec et al.'s boundary
+(``docs/methods/multi-level-structural.md``), the weight map of Kervadec et al.'s boundary
 loss (Eq. 6; "Boundary loss for highly unbalanced segmentation", MIDL 2019 / MedIA 2021).
 
     Phi(x) = -dist(x, dD)  for x in D,     0 on dD,     +dist(x, dD)  outside D,          (Eq. 7)

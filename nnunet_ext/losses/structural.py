@@ -1,4 +1,4 @@
-"""The multi-level structural loss (Eq. 11 of ``shared/papers/multi_level_structural_loss.md``,
+"""The multi-level structural loss (Eq. 11 of ``docs/methods/multi-level-structural.md``,
 the fine model's part; Eq. 3 with weights):
 
     L = w_R E_R(P, V) + alpha E_B(P, V) + beta E_P(L, V),

@@ -1,5 +1,5 @@
 """Pixel-wise loss on uncertain points: the term E_P of Eqs. 10-11 of the multi-level structural
-loss paper (``shared/papers/multi_level_structural_loss.md``, Section 2.4), with the point
+loss paper (``docs/methods/multi-level-structural.md``, Section 2.4), with the point
 selection of PointRend (Kirillov et al., CVPR 2020, the paper's ref. [58]).
 
 Selection (Section 2.4, under no_grad): draw ``k N`` points uniformly in the patch (k = 3),

@@ -1,4 +1,4 @@
-"""Additive attention gate of ANU-Net (``shared/papers/anunet_attention_nested_unet.md``, Section 3.2,
+"""Additive attention gate of ANU-Net (``docs/methods/anunet.md``, Section 3.2,
 Fig. 3, Eqs. 1-3), for 2D and 3D through ``conv_op``/``norm_op`` as dynamic-network-architectures
 builds its blocks.
 

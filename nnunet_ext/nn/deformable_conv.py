@@ -1,7 +1,7 @@
 """Deformable convolution (DCNv1 and modulated DCNv2) in 2D and 3D, in pure PyTorch.
 
 This is the operator behind LFAM, the lateral feature alignment module of "Towards Accurate Medical
-Image Segmentation With Gradient-Optimized Dice Loss" (``shared/papers/godc_lfam_gradient_optimized_dice.md``,
+Image Segmentation With Gradient-Optimized Dice Loss" (``docs/methods/godc-lfam.md``,
 Fig. 2): a deformable convolution on each skip connection resamples the skip feature at learned
 offsets before it is fused with the up-sampled decoder feature. The paper uses the deformable
 convolution of Dai et al., "Deformable Convolutional Networks", ICCV 2017 (its ref. [24], DCNv1, Eq. 2);

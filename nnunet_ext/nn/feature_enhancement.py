@@ -1,5 +1,5 @@
 """Instructive feature enhancement (IFE) of "Instructive Feature Enhancement for Dichotomous Medical
-Image Segmentation" (``shared/papers/ife_instructive_feature_enhancement.md``, Section 2).
+Image Segmentation" (``docs/methods/ife.md``, Section 2).
 
 Each channel of a feature map is scored per sample by how much edge / texture it carries, the top
 ``int(r C)`` channels are selected and concatenated to the raw features (Eq. 3):

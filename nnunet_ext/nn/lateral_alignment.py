@@ -1,5 +1,5 @@
 """Lateral feature alignment module (LFAM) of the GODC/LFAM paper
-(``shared/papers/godc_lfam_gradient_optimized_dice.md``, Section II, Fig. 2).
+(``docs/methods/godc-lfam.md``, Section II, Fig. 2).
 
 Down-sampling, padding and up-sampling shift decoder features against the encoder features they
 are fused with. LFAM resamples the encoder skip with a deformable convolution (Dai et al. 2017, Eq. 2;

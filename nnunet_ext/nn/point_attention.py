@@ -1,5 +1,5 @@
 """The pixel branch of the multi-level structural network (MLN; Section 3.3 of
-``shared/papers/multi_level_structural_loss.md``, green box of Fig. 4): a transformer over the features of
+``docs/methods/multi-level-structural.md``, green box of Fig. 4): a transformer over the features of
 the uncertain points, then a shared MLP that classifies each point.
 
 Point selection (Section 3.3: "the same as previous except for the encryption ... we choose the

@@ -1,5 +1,5 @@
 """The multi-level saliency guidance module of the multi-level structural network (MLN; Section 3.4
-of ``shared/papers/multi_level_structural_loss.md``, Fig. 4): fuses the region, boundary and pixel
+of ``docs/methods/multi-level-structural.md``, Fig. 4): fuses the region, boundary and pixel
 features into the final prediction ``P^fusion``.
 
 With ``F_r``, ``F_b``, ``F_p`` the region, boundary and pixel features on one grid (same channels;

@@ -1,7 +1,7 @@
 """Shared trainer machinery: mixins that trainers in ``nnunet_ext.trainers`` combine.
 
 Kept outside ``trainers/`` because nnU-Net imports every module of that folder as a top-level
-module when it looks a trainer up (DESIGN.md); only trainer classes live there.
+module when it looks a trainer up (docs/architecture.md); only trainer classes live there.
 """
 from nnunet_ext.training.architecture_mixins import IFEArchitectureMixin, LFAMArchitectureMixin, PlansUNetVariantMixin
 from nnunet_ext.training.deep_supervision import StrictDeepSupervisionWrapper, nnunet_deep_supervision_weights

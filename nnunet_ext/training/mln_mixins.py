@@ -1,4 +1,4 @@
-"""The multi-level structural network (MLN, Section 3 of ``shared/papers/multi_level_structural_loss.md``)
+"""The multi-level structural network (MLN, Section 3 of ``docs/methods/multi-level-structural.md``)
 as trainer mixins: the architecture (:mod:`nnunet_ext.architectures.mln_unet`) and the loss of Eq. 13
 (:mod:`nnunet_ext.losses.mln`)::
 

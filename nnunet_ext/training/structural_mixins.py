@@ -1,4 +1,4 @@
-"""The multi-level structural loss (Eq. 11, ``shared/papers/multi_level_structural_loss.md``) as a
+"""The multi-level structural loss (Eq. 11, ``docs/methods/multi-level-structural.md``) as a
 trainer mixin: wraps the region term of the loss mixin after it in the MRO (nnU-Net's Dice+CE,
 GODC+CE, ...) into :class:`~nnunet_ext.losses.StructuralLoss`, adds the signed distance maps to the
 data pipeline, applies the weight schedule per epoch and logs the weights and each term::
