@@ -115,3 +115,20 @@ def assert_refused(result: subprocess.CompletedProcess, pattern: str, raw_folder
     assert re.search(pattern, result.stderr), result.stderr
     assert 'Traceback' not in result.stderr, result.stderr
     assert os.listdir(raw_folder) == [], os.listdir(raw_folder)
+
+
+#: configuration -> (dataset id, phantom shape) of the planned phantoms shared by the stock-CLI tests
+STOCK_PHANTOMS = {'2d': (201, (48, 48)), '3d_fullres': (202, (12, 32, 32))}
+
+
+def plan_stock_phantoms(root: str) -> Dict[str, dict]:
+    """Plans one phantom per configuration of :data:`STOCK_PHANTOMS` with nnU-Net's default planner, both
+    at once, in one user environment under ``root``: ``{configuration: {env, dataset_id, dataset}}``.
+    Shared by the stock-CLI tests of several trainer families (each adds its own trainer's results
+    folder), so the suite plans them once instead of once per family."""
+    from concurrent.futures import ThreadPoolExecutor
+    env = user_environment(root)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {c: pool.submit(planned_phantom, env, i, f'StockPhantom{c.replace("_", "")}', c, shape)
+                   for c, (i, shape) in STOCK_PHANTOMS.items()}
+        return {c: dict(env=env, dataset_id=STOCK_PHANTOMS[c][0], dataset=f.result()) for c, f in futures.items()}

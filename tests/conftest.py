@@ -3,9 +3,13 @@ import sys
 
 import pytest
 
+# The suite runs several processes at once on few cores (DDP ranks, nnU-Net subprocesses); OpenMP's
+# spin-waiting makes them stall each other (README, CPU section). Subprocesses inherit it.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/cli_helpers.py, tests/trainer_helpers.py
 
-from cli_helpers import user_environment  # noqa: E402
+from cli_helpers import plan_stock_phantoms, user_environment  # noqa: E402
 from trainer_helpers import planned_phantom  # noqa: E402
 
 
@@ -20,3 +24,9 @@ def env(tmp_path):
     """A user's environment after ``eval "$(nnunet-ext env --root TMP/data)"`` (empty nnUNet_raw); test
     modules that need a shared one define their own module-scoped ``env``."""
     return user_environment(str(tmp_path / 'data'))
+
+
+@pytest.fixture(scope='session')
+def stock_phantoms(tmp_path_factory):
+    """The planned 2d and 3d_fullres phantoms shared by the stock-CLI tests (``plan_stock_phantoms``)."""
+    return plan_stock_phantoms(str(tmp_path_factory.mktemp('stock_phantoms')))

@@ -96,12 +96,12 @@ def test_hybrid_loss_settings_come_from_the_plans_and_class_attributes(planned):
 
 @pytest.mark.parametrize('variant', sorted(DATASET_JSON_VARIANTS))
 def test_anunet_trainer_losses_read_no_tensor_on_the_host(planned, variant, monkeypatch):
-    from test_anunet_godc_gpu_readiness import no_host_reads
+    from host_sync_trap import trap_host_device_sync
     for cls in (nnUNetTrainerANUNet, nnUNetTrainerUNetPlusPlus):
         trainer = make_trainer(cls, planned, variant)
         outputs, targets = batch(trainer, batch_size=2)
         loss = trainer._build_loss()
-        with no_host_reads(monkeypatch):
+        with trap_host_device_sync():
             value = loss(outputs, targets)
             grads = torch.autograd.grad(value, outputs)
         assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)

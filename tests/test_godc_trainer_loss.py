@@ -104,7 +104,7 @@ def test_godc_trainer_losses_read_no_tensor_on_the_host(planned, variant, monkey
     """The losses the GODC trainers build (deep supervision included) run forward and backward without a
     host-device synchronisation. Exception, nnU-Net's own: its DC_and_CE_loss reads the number of
     non-ignored voxels (``num_fg > 0``) when CE is on and there is an ignore label, as for nnUNetTrainer."""
-    from test_anunet_godc_gpu_readiness import no_host_reads
+    from host_sync_trap import trap_host_device_sync
     classes = [nnUNetTrainerGODCOnly]
     if variant != 'ignore_label':
         classes.append(nnUNetTrainerGODC)
@@ -112,7 +112,7 @@ def test_godc_trainer_losses_read_no_tensor_on_the_host(planned, variant, monkey
         trainer = make_trainer(cls, planned, variant)
         outputs, targets = batch(trainer, batch_size=2)
         loss = trainer._build_loss()
-        with no_host_reads(monkeypatch):
+        with trap_host_device_sync():
             value = loss(outputs, targets)
             grads = torch.autograd.grad(value, outputs, allow_unused=True, materialize_grads=True)
         assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)

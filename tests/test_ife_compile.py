@@ -1,10 +1,10 @@
-"""IFE networks under nnU-Net's CUDA training setup (issue 15): ``torch.compile(fullgraph=True)`` in
-one graph with the outputs and gradients of eager mode (train/eval, deep supervision on/off, 2D/3D,
-both scores); no host-device synchronisation in forward and backward; channel selection (Eq. 3) under
-fp16/bf16 autocast equal to float32's, and finite forward/backward of the networks under autocast."""
+"""IFE networks under nnU-Net's CUDA training setup (issue 15), beyond what test_gpu_readiness.py checks
+for every trainer (one graph, DDP, no host sync, float16 autocast on the plain U-Net): the residual-encoder
+IFE network compiled with ``fullgraph=True`` gives eager mode's outputs and gradients (train/eval, deep
+supervision on/off, 2D/3D, both scores) and does not synchronise host and device; channel selection
+(Eq. 3) under fp16/bf16 autocast equals float32's."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from nnunet_ext.architectures.ife_unet import SCORES, IFEPlainConvUNet, IFEResid
 from nnunet_ext.nn.feature_enhancement import InstructiveFeatureEnhancement
 from nnunet_ext.training.architecture_mixins import residual_encoder_kwargs
 from test_lfam_architecture import plain_kwargs
+from host_sync_trap import trap_host_device_sync
 
 def ife_network(ndim: int, residual: bool, score: str):
     kwargs = plain_kwargs(ndim)
@@ -68,12 +69,11 @@ def assert_compiled_is_eager(net, compiled, x, training: bool, deep_supervision:
 
 
 @pytest.mark.parametrize('score', ['curvature', 'entropy'])
-@pytest.mark.parametrize('residual', [False, True], ids=['plain', 'residual'])
 @pytest.mark.parametrize('ndim', [2, 3])
-def test_training_step_compiles_to_one_graph_with_eager_results(ndim, residual, score, fresh_dynamo):
+def test_training_step_compiles_to_one_graph_with_eager_results(ndim, score, fresh_dynamo):
     """nnU-Net's training step: train mode, deep supervision; outputs and every gradient."""
     torch.manual_seed(0)
-    net = ife_network(ndim, residual, score)
+    net = ife_network(ndim, True, score)
     compiled = torch.compile(net, backend='aot_eager', fullgraph=True)  # a graph break raises
     x = network_input(ndim)
     assert_compiled_is_eager(net, compiled, x, training=True, deep_supervision=True)
@@ -98,29 +98,6 @@ def test_other_modes_compile_to_one_graph_with_eager_results(score, fresh_dynamo
 
 
 # --------------------------------------------------------------------------------- host synchronisation
-@contextlib.contextmanager
-def host_synchronisation_refused():
-    """Makes every tensor -> Python conversion and every data-dependent-shape op raise."""
-    def refuse(name):
-        def refused(*args, **kwargs):
-            raise AssertionError(f"{name} called in the IFE network's forward/backward: it waits for the device")
-        return refused
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ('__bool__', 'item', '__int__', '__float__', 'tolist', 'nonzero', 'unique'):
-            patch.setattr(torch.Tensor, name, refuse(f'Tensor.{name}'))
-        for name in ('nonzero', 'unique', 'argwhere', 'masked_select'):
-            patch.setattr(torch, name, refuse(f'torch.{name}'))
-        yield
-
-
-def test_refusal_is_effective():
-    with host_synchronisation_refused(), pytest.raises(AssertionError, match='Tensor.item'):
-        torch.ones(1).item()
-    with host_synchronisation_refused(), pytest.raises(AssertionError, match='__bool__'):
-        bool(torch.ones(1) > 0)
-
-
 @pytest.mark.parametrize('score', ['curvature', 'entropy'])
 @pytest.mark.parametrize('residual', [False, True], ids=['plain', 'residual'])
 @pytest.mark.parametrize('ndim', [2, 3])
@@ -128,7 +105,7 @@ def test_forward_and_backward_do_not_synchronise_host_and_device(ndim, residual,
     torch.manual_seed(0)
     net = ife_network(ndim, residual, score)
     x = network_input(ndim)
-    with host_synchronisation_refused():
+    with trap_host_device_sync():
         outputs = net(x)
         sum(o.square().mean() for o in outputs).backward()
     assert all(p.grad is not None for p in net.parameters())
@@ -184,21 +161,3 @@ def test_selection_under_autocast_is_float32s(score, spatial, dtype):
         assert torch.equal(selection, reference)
         # features arriving in fp16/bf16 (as a network under autocast produces them) keep their dtype
         assert enhanced.dtype == dtype and enhanced.shape[1] == 24
-
-
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
-@pytest.mark.parametrize('score', ['curvature', 'entropy'])
-@pytest.mark.parametrize('ndim', [2, 3])
-def test_networks_train_under_autocast(ndim, score, dtype):
-    torch.manual_seed(0)
-    net = ife_network(ndim, False, score)
-    x = network_input(ndim)
-    with torch.autocast('cpu', dtype=dtype):
-        outputs = net(x)
-        assert all(o.dtype == dtype for o in outputs)
-        loss = sum(o.float().square().mean() for o in outputs)
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(o).all() for o in outputs)
-    for name, p in net.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -15,7 +15,6 @@ our terms are checked with a sync-free region term instead.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -27,39 +26,9 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunet_ext.losses import BoundaryLoss, StructuralLoss, TermWeights, signed_distance_maps
 from nnunet_ext.losses.mln import MLNLoss, MLNTermWeights, SignedDistanceRegressionLoss
 from test_mln_architecture import SHAPES, build
+from host_sync_trap import HostDeviceSync, trap_host_device_sync
 
 IGNORE = 3
-TRAPPED_METHODS = ('__bool__', 'item', 'tolist', '__int__', '__float__', '__index__', 'nonzero', 'unique')
-TRAPPED_FUNCTIONS = ('tensor', 'as_tensor', 'nonzero', 'unique')
-
-
-class HostSync(RuntimeError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_sync():
-    """Makes every trapped call raise :class:`HostSync` (on a GPU each would wait for the device)."""
-    def trap(name):
-        def raising(*args, **kwargs):
-            raise HostSync(f"host-device synchronisation: {name}")
-        return raising
-
-    saved_methods = {n: getattr(torch.Tensor, n) for n in TRAPPED_METHODS}
-    saved_functions = {n: getattr(torch, n) for n in TRAPPED_FUNCTIONS}
-    for n in TRAPPED_METHODS:
-        setattr(torch.Tensor, n, trap(f"Tensor.{n}"))
-    for n in TRAPPED_FUNCTIONS:
-        setattr(torch, n, trap(f"torch.{n}"))
-    try:
-        yield
-    finally:
-        for n, f in saved_methods.items():
-            setattr(torch.Tensor, n, f)
-        for n, f in saved_functions.items():
-            setattr(torch, n, f)
-
-
 def nnunet_region_loss(ignore_label=None):
     return DC_and_CE_loss({'batch_dice': False, 'smooth': 1e-5, 'do_bg': False, 'ddp': False}, {}, weight_ce=1,
                           weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
@@ -109,21 +78,12 @@ def mll_loss(ignore=False, normalization='mean'):
 
 
 # --- no host-device synchronisation --------------------------------------------------------------------------------
-def test_the_trap_catches_synchronisations():
-    t = torch.ones(3)
-    for call in (lambda: bool(t.sum() > 0), lambda: t.sum().item(), lambda: t.nonzero(), lambda: torch.unique(t),
-                 lambda: torch.tensor([1, 2]), lambda: [0, 1][t[0].long()], lambda: t.tolist()):
-        with no_host_sync(), pytest.raises(HostSync):
-            call()
-    assert bool(t.sum() > 0) and torch.tensor([1]).item() == 1  # restored
-
-
 @pytest.mark.parametrize('ignore', [False, True], ids=['labels', 'ignore_label'])
 @pytest.mark.parametrize('ndim', [2, 3])
 def test_mln_network_and_both_losses_run_without_host_sync(ndim, ignore):
     network, x, targets = case(ndim, ignore)
     mln, mll = mln_loss(ignore), mll_loss(ignore)
-    with no_host_sync():
+    with trap_host_device_sync():
         output = network(x)
         value = mln(output, targets) + mll(output.region, targets)
         value.backward()
@@ -132,7 +92,7 @@ def test_mln_network_and_both_losses_run_without_host_sync(ndim, ignore):
     assert all(p.grad is not None for p in network.parameters())
     network.eval()
     network.decoder.deep_supervision = False  # nnU-Net's predictor
-    with no_host_sync(), torch.no_grad():
+    with trap_host_device_sync(), torch.no_grad():
         network(x)
 
 
@@ -149,7 +109,7 @@ def test_the_mll_loss_with_regions_and_an_ignore_channel_runs_without_host_sync(
     loss = StructuralLoss(region, label_channels=3, use_sigmoid=True, has_ignore_channel=True)
     loss.weights = TermWeights(1.0, 1.0, 1.0)
     logits = torch.randn(2, 2, 12, 10, requires_grad=True)
-    with no_host_sync():
+    with trap_host_device_sync():
         loss(logits, target).backward()
     assert torch.isfinite(logits.grad).all()
 
@@ -219,8 +179,8 @@ def test_nnunets_region_term_with_an_ignore_label_synchronises():
     """Recorded, not ours: DC_and_CE_loss(ignore_label=...) evaluates ``num_fg > 0`` on the host."""
     logits = torch.randn(1, 3, 6, 6)
     labels = torch.randint(0, 4, (1, 1, 6, 6)).float()
-    with no_host_sync(), pytest.raises(HostSync, match='__bool__'):
+    with trap_host_device_sync(), pytest.raises(HostDeviceSync, match='__bool__'):
         nnunet_region_loss(IGNORE)(logits, labels)
-    with no_host_sync():
+    with trap_host_device_sync():
         nnunet_region_loss()(logits, labels.clamp_max(2))
 

@@ -1,7 +1,8 @@
 """Our trainers through the stock nnU-Net command line, as the README tells users to run them, on
 tiny 2D and 3D phantom datasets: plan_and_preprocess -> train (--npz; --c) -> find_best_configuration
--> predict -> ensemble. One trainer per family and the paper's combination (GODC + LFAM); the
-predictor rebuilds the LFAM and IFE networks from the plans and loads their weights strictly."""
+-> predict -> ensemble, for GODC and the paper's combination GODC + LFAM (2d and 3d_fullres) and both IFE
+scores (2d); the predictor rebuilds the LFAM and IFE networks from the plans and loads their weights
+strictly. The planned phantoms are shared with the other stock-CLI tests (``stock_phantoms``)."""
 from __future__ import annotations
 
 import glob
@@ -12,36 +13,33 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, planned_phantom, run, run_parallel, user_environment
+from cli_helpers import SHORT_TRAINING, STOCK_PHANTOMS, run, run_parallel
 
 pytestmark = pytest.mark.cli
 
-CASES = {  # configuration -> (dataset id, phantom shape)
-    '2d': (201, (48, 48)),
-    '3d_fullres': (202, (12, 32, 32)),
-}
 TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCLFAM')  # find_best_configuration and the ensemble use these
-OTHER_TRAINERS = ('nnUNetTrainerLFAM', 'nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy')
-LFAM_TRAINERS = ('nnUNetTrainerGODCLFAM', 'nnUNetTrainerLFAM')
+# the IFE networks through the whole CLI in 2d; in 3D their networks are checked by test_gpu_readiness.py
+# (nnUNetTrainerLFAM has nnUNetTrainerGODCLFAM's network with nnU-Net's loss)
+OTHER_TRAINERS = {'2d': ('nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy'), '3d_fullres': ()}
+LFAM_TRAINERS = ('nnUNetTrainerGODCLFAM',)
 IFE_TRAINERS = ('nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy')
 
 
-@pytest.fixture(scope='module', params=sorted(CASES))
-def pipeline(request, tmp_path_factory):
+@pytest.fixture(scope='module', params=sorted(STOCK_PHANTOMS))
+def pipeline(request, stock_phantoms, tmp_path_factory):
     """Runs the whole stock pipeline once per configuration; tests check its products."""
     configuration = request.param
-    dataset_id, shape = CASES[configuration]
+    env, dataset_id, dataset = (stock_phantoms[configuration][k] for k in ('env', 'dataset_id', 'dataset'))
     root = str(tmp_path_factory.mktemp(f'root_{configuration}'))
-    env = user_environment(root)
-    dataset = planned_phantom(env, dataset_id, 'TinyPhantom', configuration, shape)
 
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
-    trainers = TRAINERS + OTHER_TRAINERS
+    other_trainers = OTHER_TRAINERS[configuration]
+    trainers = TRAINERS + other_trainers
     results = run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer, '-device', 'cpu',
                              '--npz'] for trainer in trainers], train_env)
     logs = {trainer: result.stdout for trainer, result in zip(trainers, results)}
     images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
-    predictions = {trainer: os.path.join(root, f'pred_{trainer}') for trainer in TRAINERS + OTHER_TRAINERS}
+    predictions = {trainer: os.path.join(root, f'pred_{trainer}') for trainer in trainers}
 
     def predict(trainer):
         probabilities = ['--save_probabilities'] if trainer in TRAINERS else []  # the ensemble needs them
@@ -52,7 +50,7 @@ def pipeline(request, tmp_path_factory):
     # results it does not touch predict (the training-length variables mean nothing to the predictor)
     continue_godc = ['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', TRAINERS[0], '-device', 'cpu',
                      '--npz', '--c']
-    continued = run_parallel([continue_godc, *map(predict, OTHER_TRAINERS)],
+    continued = run_parallel([continue_godc, *map(predict, other_trainers)],
                              {**train_env, 'nnUNet_ext_num_epochs': '2'})[0].stdout
     find_best = ['nnUNetv2_find_best_configuration', str(dataset_id), '-c', configuration, '-tr', *TRAINERS, '-f', '0',
                  '-np', '2']
@@ -123,6 +121,8 @@ def test_lfam_networks_are_trained_and_rebuilt_for_prediction(pipeline):
 
 
 def test_ife_networks_are_trained_with_widened_decoder_stages_and_rebuilt_for_prediction(pipeline):
+    if pipeline['configuration'] != '2d':
+        pytest.skip('IFE trainers run the CLI in 2d only (OTHER_TRAINERS)')
     for trainer in IFE_TRAINERS:
         folder = os.path.join(_results_folder(pipeline, trainer), 'fold_0')
         weights = torch.load(os.path.join(folder, 'checkpoint_final.pth'), map_location='cpu',

@@ -1,34 +1,31 @@
 """``nnUNetTrainerMLN`` through the stock nnU-Net command line on tiny 2D and 3D phantoms (deep
 supervision on, nnU-Net's default): plan_and_preprocess -> train (SHORT_TRAINING) -> predict. The two
-configurations run side by side (``run_parallel``): one plan, one training and one prediction each."""
+configurations run side by side (``run_parallel``) on the shared planned phantoms (``stock_phantoms``):
+one training and one prediction each."""
 from __future__ import annotations
 
 import glob
 import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_helpers import SHORT_TRAINING, planned_phantom, run_parallel, user_environment
+from cli_helpers import SHORT_TRAINING, STOCK_PHANTOMS, run_parallel
 
 pytestmark = pytest.mark.cli
 
-CASES = {'2d': (213, (48, 48)), '3d_fullres': (214, (12, 32, 32))}
+CASES = dict(STOCK_PHANTOMS)  # configuration -> (dataset id, shape) of the shared phantoms
 TRAINER = 'nnUNetTrainerMLN'
 
 
 @pytest.fixture(scope='module')
-def mln_runs(tmp_path_factory):
+def mln_runs(stock_phantoms, tmp_path_factory):
     root = str(tmp_path_factory.mktemp('mln'))
-    env = user_environment(root)
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two plan_and_preprocess subprocesses at a time
-        futures = {c: pool.submit(planned_phantom, env, i, f'MLNPhantom{c.replace("_", "")}', c, shape)
-                   for c, (i, shape) in CASES.items()}
-        datasets = {c: f.result() for c, f in futures.items()}
+    env = stock_phantoms['2d']['env']  # one user environment holds both phantoms
+    datasets = {c: stock_phantoms[c]['dataset'] for c in CASES}
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
     run_parallel([['nnUNetv2_train', str(i), c, '0', '-tr', TRAINER, '-device', 'cpu']
                   for c, (i, _) in CASES.items()], train_env)

@@ -12,23 +12,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, planned_phantom, run_parallel, user_environment
+from cli_helpers import SHORT_TRAINING, run_parallel
 
 pytestmark = pytest.mark.cli
 
-CASES = {  # configuration -> (dataset id, phantom shape, trainers)
-    '2d': (221, (48, 48), ('nnUNetTrainerResUNet',)),
-    '3d_fullres': (222, (12, 32, 32), ('nnUNetTrainerResUNetGODCLFAM',)),  # the LFAM variant covers the residual net
+TRAINERS = {  # configuration -> trainers, on the shared planned phantoms (stock_phantoms)
+    '2d': ('nnUNetTrainerResUNet',),
+    '3d_fullres': ('nnUNetTrainerResUNetGODCLFAM',),  # the LFAM variant covers the residual net
 }
 
 
-@pytest.fixture(scope='module', params=sorted(CASES))
-def pipeline(request, tmp_path_factory):
+@pytest.fixture(scope='module', params=sorted(TRAINERS))
+def pipeline(request, stock_phantoms, tmp_path_factory):
     configuration = request.param
-    dataset_id, shape, trainers = CASES[configuration]
+    trainers = TRAINERS[configuration]
+    env, dataset_id, dataset = (stock_phantoms[configuration][k] for k in ('env', 'dataset_id', 'dataset'))
     root = str(tmp_path_factory.mktemp(f'resunet_{configuration}'))
-    env = user_environment(root)
-    dataset = planned_phantom(env, dataset_id, 'ResUNetPhantom', configuration, shape)
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
     logs = run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer, '-device', 'cpu']
                          for trainer in trainers], train_env)
