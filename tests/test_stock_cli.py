@@ -1,8 +1,8 @@
-"""Our trainers through the stock nnU-Net command line, as the README tells users to run them, on
-tiny 2D and 3D phantom datasets: plan_and_preprocess -> train (--npz; --c) -> find_best_configuration
--> predict -> ensemble, for GODC and the paper's combination GODC + LFAM (2d and 3d_fullres) and both IFE
-scores (2d); the predictor rebuilds the LFAM and IFE networks from the plans and loads their weights
-strictly. The planned phantoms are shared with the other stock-CLI tests (``stock_phantoms``)."""
+"""Our trainers through the stock nnU-Net command line, as the README tells users to run them, on a tiny
+2D phantom dataset: plan_and_preprocess -> train (--npz; --c) -> find_best_configuration -> predict ->
+ensemble, for GODC, the paper's combination GODC + LFAM, and IFE; the predictor rebuilds the LFAM and IFE
+networks from the plans and loads their weights strictly. The planned phantom is shared with the other
+stock-CLI tests (``stock_phantoms``)."""
 from __future__ import annotations
 
 import glob
@@ -13,19 +13,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, STOCK_PHANTOMS, run, run_parallel
+from cli_helpers import SHORT_TRAINING, run, run_parallel
 
 pytestmark = pytest.mark.cli
 
 TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCLFAM')  # find_best_configuration and the ensemble use these
-# the IFE networks through the whole CLI in 2d; in 3D their networks are checked by test_gpu_readiness.py
-# (nnUNetTrainerLFAM has nnUNetTrainerGODCLFAM's network with nnU-Net's loss)
-OTHER_TRAINERS = {'2d': ('nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy'), '3d_fullres': ()}
+# IFE through the whole CLI (nnUNetTrainerLFAM has nnUNetTrainerGODCLFAM's network with nnU-Net's loss,
+# IFECurvature IFEEntropy's decoder with the other score; test_gpu_readiness.py builds them all in 2D and 3D)
+OTHER_TRAINERS = ('nnUNetTrainerIFEEntropy',)
 LFAM_TRAINERS = ('nnUNetTrainerGODCLFAM',)
-IFE_TRAINERS = ('nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy')
+IFE_TRAINERS = ('nnUNetTrainerIFEEntropy',)
 
 
-@pytest.fixture(scope='module', params=sorted(STOCK_PHANTOMS))
+# 2d only: the 3d_fullres CLI runs GODC + LFAM in test_stock_cli_resunet.py (nnUNetTrainerResUNetGODCLFAM),
+# the nested networks in test_stock_cli_anunet.py and the MLN in test_stock_cli_mln.py
+@pytest.fixture(scope='module', params=['2d'])
 def pipeline(request, stock_phantoms, tmp_path_factory):
     """Runs the whole stock pipeline once per configuration; tests check its products."""
     configuration = request.param
@@ -33,7 +35,7 @@ def pipeline(request, stock_phantoms, tmp_path_factory):
     root = str(tmp_path_factory.mktemp(f'root_{configuration}'))
 
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
-    other_trainers = OTHER_TRAINERS[configuration]
+    other_trainers = OTHER_TRAINERS
     trainers = TRAINERS + other_trainers
     results = run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer, '-device', 'cpu',
                              '--npz'] for trainer in trainers], train_env)
@@ -121,8 +123,6 @@ def test_lfam_networks_are_trained_and_rebuilt_for_prediction(pipeline):
 
 
 def test_ife_networks_are_trained_with_widened_decoder_stages_and_rebuilt_for_prediction(pipeline):
-    if pipeline['configuration'] != '2d':
-        pytest.skip('IFE trainers run the CLI in 2d only (OTHER_TRAINERS)')
     for trainer in IFE_TRAINERS:
         folder = os.path.join(_results_folder(pipeline, trainer), 'fold_0')
         weights = torch.load(os.path.join(folder, 'checkpoint_final.pth'), map_location='cpu',

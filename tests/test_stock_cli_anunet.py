@@ -1,5 +1,5 @@
 """ANU-Net through the command line, as README tells users to run it, on tiny 2D and 3D phantoms:
-``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net, and UNet++ / GODC) -> stock
+``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net; UNet++ in 2d) -> stock
 prediction of the full model, of a pruned level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL, and of the
 model folder ``nnunet-ext prune`` exported for that level (which must predict exactly the same)."""
 from __future__ import annotations
@@ -16,9 +16,9 @@ from cli_helpers import SHORT_TRAINING, planned_phantom, run, run_parallel, user
 pytestmark = pytest.mark.cli
 
 PLANS = 'nnUNetPlansANUNet'
-CASES = {  # configuration -> (dataset id, phantom shape, second trainer)
-    '2d': (211, (48, 48), 'nnUNetTrainerUNetPlusPlus'),
-    '3d_fullres': (212, (12, 32, 32), 'nnUNetTrainerANUNetGODC'),
+CASES = {  # configuration -> (dataset id, phantom shape, other trainers)
+    '2d': (211, (48, 48), ('nnUNetTrainerUNetPlusPlus',)),
+    '3d_fullres': (212, (12, 32, 32), ()),  # the nested network's losses: test_anunet_godc_gpu_readiness.py
 }
 
 
@@ -33,7 +33,7 @@ def pipeline(request, tmp_path_factory):
     root = str(tmp_path_factory.mktemp(f'anunet_{configuration}'))
     env = user_environment(root)
     dataset = planned_phantom(env, dataset_id, 'NestedPhantom', configuration, shape, planner='ANUNetPlanner')
-    trainers = ('nnUNetTrainerANUNet', other)
+    trainers = ('nnUNetTrainerANUNet', *other)
     run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
                   for t in trainers], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
 
