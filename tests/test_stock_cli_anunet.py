@@ -26,36 +26,52 @@ def _load(path):
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
-@pytest.fixture(scope='module', params=sorted(CASES))
-def pipeline(request, tmp_path_factory):
-    configuration = request.param
-    dataset_id, shape, other = CASES[configuration]
-    root = str(tmp_path_factory.mktemp(f'anunet_{configuration}'))
+@pytest.fixture(scope='module')
+def pipelines(tmp_path_factory):
+    """Both configurations side by side (plans, trainings, exports and predictions two at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    root = str(tmp_path_factory.mktemp('anunet'))
     env = user_environment(root)
-    dataset = planned_phantom(env, dataset_id, 'NestedPhantom', configuration, shape, planner='ANUNetPlanner')
-    trainers = ('nnUNetTrainerANUNet', *other)
-    run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
-                  for t in trainers], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {c: pool.submit(planned_phantom, env, i, f'NestedPhantom{c.replace("_", "")}', c, shape,
+                                  planner='ANUNetPlanner') for c, (i, shape, _) in CASES.items()}
+        datasets = {c: f.result() for c, f in futures.items()}
+    jobs = [(c, t) for c, (_, _, other) in CASES.items() for t in ('nnUNetTrainerANUNet', *other)]
+    run_parallel([['nnUNetv2_train', str(CASES[c][0]), c, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
+                  for c, t in jobs], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
 
-    model = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}__{configuration}')
-    plans = _load(os.path.join(model, 'fold_0', 'checkpoint_final.pth'))['init_args']['plans']
-    levels = len(plans['configurations'][configuration]['architecture']['arch_kwargs']['strides']) - 1
-    level = levels - 1
-    # the export, named so that the stock nnUNetv2_predict finds it with -p nnUNetPlansANUNetL<level>
-    export = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}L{level}__{configuration}')
-    pruned_log = run(['nnunet-ext', 'prune', model, '--level', str(level), '-o', export], env).stdout
+    runs = {}
+    for c, (dataset_id, _, other) in CASES.items():
+        dataset = datasets[c]
+        model = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}__{c}')
+        plans = _load(os.path.join(model, 'fold_0', 'checkpoint_final.pth'))['init_args']['plans']
+        levels = len(plans['configurations'][c]['architecture']['arch_kwargs']['strides']) - 1
+        level = levels - 1
+        # the export, named so that the stock nnUNetv2_predict finds it with -p nnUNetPlansANUNetL<level>
+        export = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}L{level}__{c}')
+        runs[c] = dict(configuration=c, env=env, root=os.path.join(root, c), dataset=dataset, dataset_id=dataset_id,
+                       trainers=('nnUNetTrainerANUNet', *other), model=model, export=export, level=level,
+                       levels=levels, plans=plans,
+                       out={name: os.path.join(root, c, name) for name in ('full', 'env_pruned', 'exported')})
+    logs = run_parallel([['nnunet-ext', 'prune', r['model'], '--level', str(r['level']), '-o', r['export']]
+                         for r in runs.values()], env)
+    commands, envs = [], []
+    for r, log in zip(runs.values(), logs):
+        r['pruned_log'] = log.stdout
+        images = os.path.join(env['nnUNet_raw'], r['dataset'], 'imagesTs')
+        predict = ['nnUNetv2_predict', '-i', images, '-d', str(r['dataset_id']), '-c', r['configuration'], '-tr',
+                   'nnUNetTrainerANUNet', '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities']
+        commands += [[*predict, '-o', r['out']['full'], '-p', PLANS],
+                     [*predict, '-o', r['out']['env_pruned'], '-p', PLANS],
+                     [*predict, '-o', r['out']['exported'], '-p', f"{PLANS}L{r['level']}"]]
+        envs += [env, {**env, 'NNUNET_EXT_ANUNET_PRUNE_LEVEL': str(r['level'])}, env]
+    run_parallel(commands, env, envs=envs)
+    return runs
 
-    images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
-    out = {name: os.path.join(root, name) for name in ('full', 'env_pruned', 'exported')}
-    predict = ['nnUNetv2_predict', '-i', images, '-d', str(dataset_id), '-c', configuration, '-tr',
-               'nnUNetTrainerANUNet', '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities']
-    run_parallel([[*predict, '-o', out['full'], '-p', PLANS],
-                  [*predict, '-o', out['env_pruned'], '-p', PLANS],
-                  [*predict, '-o', out['exported'], '-p', f'{PLANS}L{level}']], env,
-                 envs=[env, {**env, 'NNUNET_EXT_ANUNET_PRUNE_LEVEL': str(level)}, env])
-    return dict(configuration=configuration, env=env, root=root, dataset=dataset, dataset_id=dataset_id,
-                trainers=trainers, model=model, export=export, level=level, levels=levels, out=out,
-                pruned_log=pruned_log, plans=plans)
+
+@pytest.fixture(params=sorted(CASES))
+def pipeline(request, pipelines):
+    return pipelines[request.param]
 
 
 def _probabilities(folder):

@@ -22,24 +22,29 @@ TRAINERS = {  # configuration -> trainers, on the shared planned phantoms (stock
 }
 
 
-@pytest.fixture(scope='module', params=sorted(TRAINERS))
-def pipeline(request, stock_phantoms, tmp_path_factory):
-    configuration = request.param
-    trainers = TRAINERS[configuration]
-    env, dataset_id, dataset = (stock_phantoms[configuration][k] for k in ('env', 'dataset_id', 'dataset'))
-    root = str(tmp_path_factory.mktemp(f'resunet_{configuration}'))
-    train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
-    logs = run_parallel([['nnUNetv2_train', str(dataset_id), configuration, '0', '-tr', trainer, '-device', 'cpu']
-                         for trainer in trainers], train_env)
-    images = os.path.join(env['nnUNet_raw'], dataset, 'imagesTs')
-    predictions = {trainer: os.path.join(root, f'pred_{trainer}') for trainer in trainers}
-    run_parallel([['nnUNetv2_predict', '-i', images, '-o', predictions[trainer], '-d', str(dataset_id), '-c',
-                   configuration, '-tr', trainer, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0']
-                  for trainer in trainers], env)
-    results = {trainer: os.path.join(env['nnUNet_results'], dataset, f'{trainer}__nnUNetPlans__{configuration}',
-                                     'fold_0') for trainer in trainers}
-    return dict(configuration=configuration, trainers=trainers, logs=dict(zip(trainers, logs)), images=images,
-                predictions=predictions, results=results)
+@pytest.fixture(scope='module')
+def pipelines(stock_phantoms, tmp_path_factory):
+    """Both configurations side by side: the trainings two at a time, then the predictions."""
+    root = str(tmp_path_factory.mktemp('resunet'))
+    env = stock_phantoms['2d']['env']  # one user environment holds both phantoms
+    jobs = [(c, t) for c in sorted(TRAINERS) for t in TRAINERS[c]]
+    ids = {c: str(stock_phantoms[c]['dataset_id']) for c in TRAINERS}
+    logs = dict(zip(jobs, run_parallel([['nnUNetv2_train', ids[c], c, '0', '-tr', t, '-device', 'cpu'] for c, t in jobs],
+                                       {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})))
+    images = {c: os.path.join(env['nnUNet_raw'], stock_phantoms[c]['dataset'], 'imagesTs') for c in TRAINERS}
+    predictions = {(c, t): os.path.join(root, f'pred_{c}_{t}') for c, t in jobs}
+    run_parallel([['nnUNetv2_predict', '-i', images[c], '-o', predictions[c, t], '-d', ids[c], '-c', c, '-tr', t,
+                   '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'] for c, t in jobs], env)
+    return {c: dict(configuration=c, trainers=TRAINERS[c], logs={t: logs[c, t] for t in TRAINERS[c]}, images=images[c],
+                    predictions={t: predictions[c, t] for t in TRAINERS[c]},
+                    results={t: os.path.join(env['nnUNet_results'], stock_phantoms[c]['dataset'],
+                                             f'{t}__nnUNetPlans__{c}', 'fold_0') for t in TRAINERS[c]})
+            for c in TRAINERS}
+
+
+@pytest.fixture(params=sorted(TRAINERS))
+def pipeline(request, pipelines):
+    return pipelines[request.param]
 
 
 def test_trainers_train_the_preactivation_resunet_with_the_short_schedule(pipeline):
