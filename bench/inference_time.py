@@ -59,6 +59,10 @@ def is_prunable(network) -> bool:
 def inference_entries(name: str, trainer) -> List[InferenceEntry]:
     """The trainer's network in an ``nnUNetPredictor``; one entry per prune level where it has levels."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    if trainer.inference_allowed_mirroring_axes is None:
+        # set when a trainer builds its data loaders (the reference's did, to give the batches): every trainer
+        # must predict with the mirror axes its checkpoint would carry, or the ratios compare 1 pass with 4
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     network = inference_network(trainer)
     with contextlib.redirect_stdout(io.StringIO()):  # "perform_everything_on_device ... only for cuda"
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,

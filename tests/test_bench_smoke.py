@@ -71,4 +71,5 @@ def test_run_all_refuses_a_loaded_machine_and_writes_nothing(tmp_path, monkeypat
     assert run_all.main(['-tr', 'nnUNetTrainerGODC', '-o', str(out), '--no_pbar']) == 3
     assert not out.exists() and 'loaded' in capsys.readouterr().err
     assert run_all.overloaded(cores + 0.01) and not run_all.overloaded(cores)
+    assert not run_all.overloaded(cores + 0.2, own_load=0.25 * cores) and run_all.overloaded(cores * 1.3, 0.25 * cores)
     assert 'load average' in run_all.uptime()
