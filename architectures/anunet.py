@@ -329,12 +329,13 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
     # ----- the paper's configuration ---------------------------------------------------------------------
     @classmethod
     def paper_preset(cls, level: int = 4, num_classes: int = 1, input_channels: int = 1,
-                     deep_supervision: bool = True, ndim: int = 2) -> "ANUNet":
+                     deep_supervision: bool = True, ndim: int = 2, prune_level: Optional[int] = None) -> "ANUNet":
         """The network of the paper (Section 3, Fig. 4; Table 6 counts its parameters): 5 stages of
         32/64/128/256/512 features, max-pooling by 2, two 3x3 conv -> BatchNorm -> ReLU per node (convs
         with bias), up-sampling by a 2x2 transposed conv -> BatchNorm -> ReLU shared per row, gates with
         ``F_int`` 32/32/64/128, heads 1x1 conv on ``X_{0,1..level}``; built up to ``level`` ("ANU-Net
-        L<level>").
+        L<level>"). ``prune_level``: the active level (as the constructor's: by default
+        ``NNUNET_EXT_ANUNET_PRUNE_LEVEL`` if set, else ``level``).
 
         Parameters (heads included, ``num_classes=1``): 103,812 / 513,387 / 2,191,829 / 8,950,594 for
         L1..L4, Table 6's 0.1038 / 0.5134 / 2.1918 / 8.9506 M. The paper does not spell the blocks out;
@@ -349,7 +350,8 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
         return cls(input_channels, 5, (32, 64, 128, 256, 512), conv, 3, (1, 2, 2, 2, 2), 2, num_classes, 2,
                    conv_bias=True, norm_op=norm, norm_op_kwargs={'eps': 1e-5, 'momentum': 0.1, 'affine': True},
                    nonlin=nn.ReLU, nonlin_kwargs={'inplace': True}, deep_supervision=deep_supervision, pool='max',
-                   attention_channels=(32, 32, 64, 128), upsampling_norm=True, max_level=level, prune_level=level)
+                   attention_channels=(32, 32, 64, 128), upsampling_norm=True, max_level=level,
+                   prune_level=prune_level)
 
 
 class UNetPlusPlus(ANUNet):

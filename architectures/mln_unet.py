@@ -30,13 +30,19 @@ takes the pixel features of the points selected on the region prediction (Sectio
 points "based on the region prediction" with no training-only condition).
 
 Outputs. Deep supervision on (training and nnU-Net's online validation): an :class:`MLNOutput`
-with everything the loss (Eq. 13, :mod:`nnunet_ext.losses.mln`) needs; ``output[0]`` is the fused
-prediction, so nnU-Net's validation step, which reads ``output[0]`` as the full-resolution
-prediction, computes its pseudo-Dice on ``P^fusion``, what the predictor returns (so nnU-Net's
-``checkpoint_best`` is chosen on the prediction users get; while the fusion term is off, the first
-12 epochs of the schedule, that pseudo-Dice is the untrained fusion's and low). Deep supervision off
-(nnU-Net's predictor): the fused logits tensor only. The parameter set does not depend on the flag
-(strict loading at prediction).
+with everything the loss (Eq. 13, :mod:`nnunet_ext.losses.mln`) needs; ``output[0]`` is the
+network's prediction, so nnU-Net's validation step, which reads ``output[0]`` as the full-resolution
+prediction, computes its pseudo-Dice on what the predictor returns (and nnU-Net's ``checkpoint_best``
+is chosen on the prediction users get). Deep supervision off (nnU-Net's predictor): that prediction
+only. The parameter set does not depend on the flag (strict loading at prediction).
+
+The prediction is ``P^fusion`` once the fusion is trained, and the full-resolution region logits
+before: the paper omits the pixel branch and the saliency guidance module for the first 12 epochs
+(Section 4.1, gamma = 0), when the fusion's output is untrained. The boolean buffer ``fusion_active``
+(True by default; saved in checkpoints, so the predictor takes the trained state) selects it with
+``torch.where`` (no host sync); ``nnUNetTrainerMLN`` sets it to ``gamma > 0`` each epoch. A run shorter
+than the fusion's start (e.g. 12 epochs) therefore predicts with its trained region branch, not with an
+untrained fusion.
 
 Label maps only (softmax outputs, at least two channels): region-based (sigmoid) training is refused
 by the trainer. The full-resolution encoder stage must have stride 1 (nnU-Net's plans always do).
@@ -69,7 +75,9 @@ class MLNOutput:
         distance: ``P^boundary`` (B, C - 1, *spatial): signed distance per foreground class, positive inside.
         point_logits: ``L^pixel`` (B, C, N): the pixel branch's logits at the points.
         point_indices: (B, N) flat indices of the points in the full-resolution grid (distinct per sample).
-        fused: ``P^fusion`` (B, C, *spatial), the final prediction.
+        fused: ``P^fusion`` (B, C, *spatial), the fusion branch's prediction.
+        prediction: the network's prediction (B, C, *spatial): ``fused`` once the fusion is trained, the
+            full-resolution region logits before (``None``: ``fused``).
     """
 
     region: List[torch.Tensor]
@@ -77,13 +85,14 @@ class MLNOutput:
     point_logits: torch.Tensor
     point_indices: torch.Tensor
     fused: torch.Tensor
+    prediction: Optional[torch.Tensor] = None
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        """``output[0]`` is the final full-resolution prediction (the fused logits), as nnU-Net's
-        validation step reads a deep-supervision output."""
+        """``output[0]`` is the network's full-resolution prediction (what the predictor returns), as
+        nnU-Net's validation step reads a deep-supervision output."""
         if index != 0:
-            raise IndexError(f"MLNOutput[{index}]: only [0] (the fused prediction) is defined; use the attributes")
-        return self.fused
+            raise IndexError(f"MLNOutput[{index}]: only [0] (the prediction) is defined; use the attributes")
+        return self.fused if self.prediction is None else self.prediction
 
     @property
     def points(self) -> torch.Tensor:
@@ -124,6 +133,10 @@ class _MLNBranches:
         self.pixel_branch = PointAttentionBranch(channels, channels, num_classes, num_heads)
         self.fusion = SaliencyGuidanceFusion(channels, num_classes, encoder.conv_op, encoder.nonlin,
                                              encoder.nonlin_kwargs)
+        # Which output is the prediction: the fusion once it is trained, the region branch before (the
+        # paper omits the saliency guidance module until epoch 12, Section 4.1). A buffer, so checkpoints
+        # carry it to nnU-Net's predictor; the trainer sets it from gamma each epoch.
+        self.register_buffer('fusion_active', torch.ones((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor):
         skips = self.encoder(x)
@@ -136,9 +149,10 @@ class _MLNBranches:
         point_features, point_logits = self.pixel_branch(skips[0], indices)
         pixel_features = scatter_points(point_features.to(boundary_features.dtype), indices, spatial)
         fused = self.fusion(region_features, boundary_features, pixel_features)
+        prediction = torch.where(self.fusion_active, fused, region[0].to(fused.dtype))  # no host sync
         if not self.decoder.deep_supervision:
-            return fused
-        return MLNOutput(region, self.distance_head(boundary_features), point_logits, indices, fused)
+            return prediction
+        return MLNOutput(region, self.distance_head(boundary_features), point_logits, indices, fused, prediction)
 
     def compute_conv_feature_map_size(self, input_size):
         """nnU-Net's estimate of the U-Net plus what the heads keep for backward, in nnU-Net's unit (its

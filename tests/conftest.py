@@ -30,3 +30,14 @@ def env(tmp_path):
 def stock_phantoms(tmp_path_factory):
     """The planned 2d and 3d_fullres phantoms shared by the stock-CLI tests (``plan_stock_phantoms``)."""
     return plan_stock_phantoms(str(tmp_path_factory.mktemp('stock_phantoms')))
+
+
+@pytest.fixture(scope='module')
+def nnunet_folders(tmp_path_factory):
+    """nnU-Net's three folders set for trainers built by hand (nothing is written there but empty fold folders)."""
+    root = tmp_path_factory.mktemp('nnunet_folders')
+    environ = {k: str(root / k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    with pytest.MonkeyPatch.context() as patch:
+        for k, v in environ.items():
+            patch.setenv(k, v)
+        yield environ

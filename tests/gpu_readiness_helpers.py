@@ -36,7 +36,20 @@ TRAINERS = (
     'nnUNetTrainerResUNet',         # pre-activation residual U-Net
     'nnUNetTrainerResUNetGODCLFAM',  # residual U-Net with LFAM
     'nnUNetTrainerMLN',             # multi-level structural network
+    'nnUNetTrainerANUNetPaper',     # the ANU-Net paper's network (BatchNorm, max-pooling; 2D only)
+    'nnUNetTrainerResUNetPaper',    # Zhang et al.'s network (BatchNorm, fixed topology; 2D only)
 )
+TWO_D_ONLY = ('nnUNetTrainerANUNetPaper', 'nnUNetTrainerResUNetPaper')  # the papers' 2D networks refuse 3D plans
+
+
+# trainers whose network is another listed trainer's (nnUNetTrainerGODC's PlainConvUNet): compiling it again
+# tests nothing new (the losses differ, and are checked by the other tests)
+SAME_NETWORK_AS_GODC = ('nnUNetTrainerGODCOnly', 'nnUNetTrainerMLL')
+
+
+def cases(configurations, trainers=TRAINERS):
+    """``(trainer, configuration)`` pairs for ``pytest.mark.parametrize``; 2D-only trainers in ``2d`` only."""
+    return [(n, c) for n in trainers for c in configurations if c == '2d' or n not in TWO_D_ONLY]
 
 DATASET_JSON = {'channel_names': {'0': 'CT'}, 'labels': {'background': 0, 'liver': 1, 'tumour': 2},
                 'numTraining': 4, 'file_ending': '.nii.gz'}

@@ -18,6 +18,9 @@ EXPECTED_TRAINERS = {
     'nnUNetTrainerIFECurvature', 'nnUNetTrainerIFEEntropy', 'nnUNetTrainerGODCIFECurvature', 'nnUNetTrainerGODCIFEEntropy',
     'nnUNetTrainerANUNet', 'nnUNetTrainerANUNetDiceCE', 'nnUNetTrainerANUNetGODC', 'nnUNetTrainerUNetPlusPlus',
     'nnUNetTrainerResUNet', 'nnUNetTrainerResUNetGODC', 'nnUNetTrainerResUNetGODCLFAM', 'nnUNetTrainerMLN',
+    'nnUNetTrainerANUNetPaper', 'nnUNetTrainerResUNetPaper', 'nnUNetTrainerGODCLFAMPaperRecipe',
+    'nnUNetTrainerIFECurvaturePaperRecipe', 'nnUNetTrainerIFEEntropyPaperRecipe', 'nnUNetTrainerMLLPaperRecipe',
+    'nnUNetTrainerMLNPaperRecipe', 'nnUNetTrainerResUNetPaperRecipe',
 }
 
 

@@ -32,17 +32,6 @@ GLOBAL_LOSS_TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTra
 # the multi-level trainers draw random points (Eq. 10's PointRend sampling): different draws per process
 
 
-@pytest.fixture(scope='module')
-def nnunet_folders(tmp_path_factory):
-    """nnU-Net's trainers need the three folders set (nothing is written there by these tests)."""
-    root = tmp_path_factory.mktemp('gpu_readiness')
-    environ = {k: str(root / k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    with pytest.MonkeyPatch.context() as patch:
-        for k, v in environ.items():
-            patch.setenv(k, v)
-        yield environ
-
-
 @pytest.fixture(autouse=True)
 def quiet_and_fresh():
     """No warnings; a fresh dynamo cache per test (its recompile limit is per code object: networks of
@@ -85,8 +74,8 @@ def single_process_gradients(name: str, state: dict, batch: dict) -> dict:
     return {n: p.grad for n, p in network.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize('configuration', ['2d', '3d_fullres'])
-@pytest.mark.parametrize('name', h.TRAINERS)
+@pytest.mark.parametrize('name, configuration',
+                         h.cases(['2d', '3d_fullres'], [n for n in h.TRAINERS if n not in h.SAME_NETWORK_AS_GODC]))
 def test_one_graph_in_training_and_inference(nnunet_folders, name, configuration):
     """``fullgraph=True`` fails on any graph break. Training mode on ``aot_eager`` (traces the backward too;
     2D training is the DDP test's), inference mode (``network.eval()``, deep supervision off as nnU-Net's
@@ -109,8 +98,7 @@ def test_one_graph_in_training_and_inference(nnunet_folders, name, configuration
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize('configuration', ['2d', '3d_fullres'])
-@pytest.mark.parametrize('name', h.TRAINERS)
+@pytest.mark.parametrize('name, configuration', h.cases(['2d', '3d_fullres']))
 def test_no_host_device_sync_in_a_training_step(nnunet_folders, name, configuration):
     torch.manual_seed(0)
     trainer, network, loss = h.build(name, configuration, compile_network=False)
@@ -136,10 +124,9 @@ def test_the_trap_catches_a_sync():
 # autocast returns NaN weight gradients now and then on feature maps 2 voxels deep (these plans' deepest 3D
 # stage), for nnU-Net's own PlainConvUNet too; 3D bfloat16 is checked on deeper maps in
 # test_mll_mln_device_readiness.py and test_deformable_conv_memory.py.
-@pytest.mark.parametrize('configuration, dtype', [('2d', torch.float16), ('2d', torch.bfloat16),
-                                                  ('3d_fullres', torch.float16)],
-                         ids=['2d-float16', '2d-bfloat16', '3d_fullres-float16'])
-@pytest.mark.parametrize('name', h.TRAINERS)
+@pytest.mark.parametrize('name, configuration, dtype', [
+    pytest.param(n, c, d, id=f'{n}-{c}-{str(d).split(".")[-1]}')
+    for n, c in h.cases(['2d', '3d_fullres']) for d in (torch.float16, torch.bfloat16) if c == '2d' or d == torch.float16])
 def test_mixed_precision_is_finite(nnunet_folders, name, configuration, dtype):
     torch.manual_seed(0)
     trainer, network, loss = h.build(name, configuration, compile_network=False)

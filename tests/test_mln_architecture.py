@@ -228,7 +228,8 @@ def test_region_branch_is_nnunets_unet_and_every_branch_has_its_shape(ndim, resi
     theirs = (ResidualEncoderUNet if residual else PlainConvUNet)(**kwargs)
     missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
     assert not missing  # the U-Net's parameters are nnU-Net's; the heads only add
-    assert {k.split('.')[0] for k in unexpected} == {'boundary_branch', 'distance_head', 'pixel_branch', 'fusion'}
+    assert {k.split('.')[0] for k in unexpected} == {'boundary_branch', 'distance_head', 'pixel_branch', 'fusion',
+                                                    'fusion_active'}
     x = torch.randn(2, 2, *SHAPES[ndim])
     out = ours(x)
     assert isinstance(out, MLNOutput)
@@ -239,7 +240,8 @@ def test_region_branch_is_nnunets_unet_and_every_branch_has_its_shape(ndim, resi
     assert out.distance.shape == (2, 2, *SHAPES[ndim])  # one signed distance map per foreground class
     assert out.point_logits.shape == (2, 3, 9) and out.point_indices.shape == (2, 9)
     assert out.fused.shape == (2, 3, *SHAPES[ndim])
-    assert out[0] is out.fused and out.points.shape == (2, 9, ndim)
+    torch.testing.assert_close(out[0], out.fused)  # fusion_active by default
+    assert out.points.shape == (2, 9, ndim)
     with pytest.raises(IndexError):
         out[1]
 
@@ -285,6 +287,27 @@ def test_inference_returns_the_fused_prediction_with_the_same_parameters(ndim):
     # at inference the points are the N most uncertain voxels of the region prediction
     expected = select_uncertain_voxels(out.region[0], 5)
     assert torch.equal(out.point_indices, expected)
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_before_the_fusion_is_trained_the_prediction_is_the_region_branch(ndim):
+    """``fusion_active`` False (gamma still 0): training output [0] and the predictor's output are the
+    full-resolution region logits; the flag travels in the state dict to the predictor's network."""
+    torch.manual_seed(10)
+    training, kwargs = build(ndim, mln_num_points=5)
+    assert bool(training.fusion_active)  # default: the fusion (a network built outside a trainer)
+    training.fusion_active.fill_(False)
+    inference = MLNPlainConvUNet(**{**kwargs, 'deep_supervision': False}, mln_num_points=5)
+    inference.load_state_dict(training.state_dict(), strict=True)
+    assert not bool(inference.fusion_active)
+    training.eval(), inference.eval()
+    x = torch.randn(2, 2, *SHAPES[ndim])
+    out = training(x)
+    torch.testing.assert_close(out[0], out.region[0])
+    torch.testing.assert_close(inference(x), out.region[0])
+    assert not torch.allclose(out.fused, out.region[0])
+    training.fusion_active.fill_(True)
+    torch.testing.assert_close(training(x)[0], out.fused)
 
 
 def test_the_pixel_branch_contributes_to_the_fused_prediction_at_its_points_only():

@@ -251,6 +251,16 @@ def test_train_step_trains_every_branch_at_full_weights(planned):
     assert changed == {'encoder', 'decoder', 'boundary_branch', 'distance_head', 'pixel_branch', 'fusion'}
 
 
+def test_trainer_predicts_with_the_region_branch_until_gamma_turns_the_fusion_on(planned):
+    trainer = hand_initialised(planned)
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    for epoch, active in ((0, False), (11, False), (12, True)):
+        trainer.current_epoch = epoch
+        trainer.on_train_epoch_start()
+        assert trainer.loss.weights.fusion == (1.0 if active else 0.0)
+        assert bool(trainer.network.fusion_active) == active, epoch
+
+
 def test_online_validation_scores_the_fused_prediction(planned):
     torch.manual_seed(12)
     trainer = hand_initialised(planned)

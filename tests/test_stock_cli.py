@@ -1,6 +1,6 @@
 """Our trainers through the stock nnU-Net command line, as the README tells users to run them, on a tiny
 2D phantom dataset: plan_and_preprocess -> train (--npz; --c) -> find_best_configuration -> predict ->
-ensemble, for GODC, the paper's combination GODC + LFAM, and IFE; the predictor rebuilds the LFAM and IFE
+ensemble, for GODC, the paper's combination GODC + LFAM, and IFE with its paper's recipe; the predictor rebuilds the LFAM and IFE
 networks from the plans and loads their weights strictly. The planned phantom is shared with the other
 stock-CLI tests (``stock_phantoms``)."""
 from __future__ import annotations
@@ -18,11 +18,12 @@ from cli_helpers import SHORT_TRAINING, run, run_parallel
 pytestmark = pytest.mark.cli
 
 TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCLFAM')  # find_best_configuration and the ensemble use these
-# IFE through the whole CLI (nnUNetTrainerLFAM has nnUNetTrainerGODCLFAM's network with nnU-Net's loss,
-# IFECurvature IFEEntropy's decoder with the other score; test_gpu_readiness.py builds them all in 2D and 3D)
-OTHER_TRAINERS = ('nnUNetTrainerIFEEntropy',)
+# IFE through the whole CLI, with the IFE paper's recipe (nnUNetTrainerLFAM has nnUNetTrainerGODCLFAM's network
+# with nnU-Net's loss, IFECurvature IFEEntropy's decoder with the other score; test_gpu_readiness.py builds them
+# all in 2D and 3D)
+OTHER_TRAINERS = ('nnUNetTrainerIFEEntropyPaperRecipe',)
 LFAM_TRAINERS = ('nnUNetTrainerGODCLFAM',)
-IFE_TRAINERS = ('nnUNetTrainerIFEEntropy',)
+IFE_TRAINERS = ('nnUNetTrainerIFEEntropyPaperRecipe',)
 
 
 # 2d only: the 3d_fullres CLI runs GODC + LFAM in test_stock_cli_resunet.py (nnUNetTrainerResUNetGODCLFAM),
@@ -139,3 +140,14 @@ def test_ife_networks_are_trained_with_widened_decoder_stages_and_rebuilt_for_pr
         assert {k.split('.convs.0.')[0] for k in widened} == expected, widened
         labels = _label_arrays(pipeline['predictions'][trainer])  # strict state-dict load succeeded
         assert len(labels) == 2 and all(set(np.unique(a)) <= {0, 1, 2} for a in labels.values())
+
+
+def test_the_ife_recipe_trains_with_adam_and_the_papers_batch(pipeline):
+    trainer = IFE_TRAINERS[0]
+    log = pipeline['logs'][trainer]
+    assert 'paper recipe (IFE paper, Implementation Details): adam, initial lr 0.0001' in log and 'batch 32' in log
+    checkpoint = torch.load(os.path.join(_results_folder(pipeline, trainer), 'fold_0', 'checkpoint_final.pth'),
+                            map_location='cpu', weights_only=False)
+    assert all('exp_avg_sq' in state for state in checkpoint['optimizer_state']['state'].values())  # Adam's
+    assert checkpoint['inference_allowed_mirroring_axes'] is None  # trained without mirroring
+    assert checkpoint['logging']['lrs'] == [1e-4]

@@ -5,6 +5,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.training.anunet_mixins import UNET_PLUS_PLUS, HybridLossMixin, NestedUNetArchitectureMixin
 from nnunet_ext.training.loss_mixins import DiceCELossMixin, GODCLossMixin
+from nnunet_ext.training.paper_networks import PaperANUNetArchitectureMixin
 from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
 
 
@@ -26,3 +27,9 @@ class nnUNetTrainerUNetPlusPlus(TrainingLengthFromEnvMixin, NestedUNetArchitectu
     """UNet++ (ANU-Net without attention gates, the paper's ablation) with the hybrid loss of Eq. 8."""
 
     nested_network = UNET_PLUS_PLUS
+
+
+class nnUNetTrainerANUNetPaper(TrainingLengthFromEnvMixin, PaperANUNetArchitectureMixin, HybridLossMixin,
+                               nnUNetTrainer):
+    """The ANU-Net paper's own network (BatchNorm, 32..512 features, 4 max-poolings; Table 6's 8.95 M
+    parameters for one class) with the hybrid loss of Eq. 8, on any plans whose patch is a multiple of 16."""

@@ -3,6 +3,7 @@ or entropy-selected channels concatenated to the skips of encoder stages 1 and 2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.training import GODCLossMixin, IFEArchitectureMixin, TrainingLengthFromEnvMixin
+from nnunet_ext.training.recipes import IFE_RECIPE, PaperRecipeMixin
 
 
 class nnUNetTrainerIFECurvature(TrainingLengthFromEnvMixin, IFEArchitectureMixin, nnUNetTrainer):
@@ -31,3 +32,23 @@ class nnUNetTrainerGODCIFEEntropy(TrainingLengthFromEnvMixin, GODCLossMixin, IFE
 
     ife_score = 'entropy'
     ife_ratios = (0.5, 0.5)
+
+
+class nnUNetTrainerIFECurvaturePaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, IFEArchitectureMixin,
+                                           nnUNetTrainer):
+    """Curvature IFE (as nnUNetTrainerIFECurvature) trained with the IFE paper's recipe: Adam 1e-4, x0.1 every
+    50 epochs, 100 epochs, batch 32, random resizing to 224..384 for a 224 test size; Dice+CE."""
+
+    ife_score = 'curvature'
+    ife_ratios = (0.75, 0.5)
+    paper_recipe = IFE_RECIPE
+
+
+class nnUNetTrainerIFEEntropyPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, IFEArchitectureMixin,
+                                         nnUNetTrainer):
+    """Entropy IFE (as nnUNetTrainerIFEEntropy) trained with the IFE paper's recipe (as
+    nnUNetTrainerIFECurvaturePaperRecipe)."""
+
+    ife_score = 'entropy'
+    ife_ratios = (0.5, 0.5)
+    paper_recipe = IFE_RECIPE

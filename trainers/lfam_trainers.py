@@ -1,7 +1,8 @@
 """LFAM trainers (lateral feature alignment, GODC/LFAM paper Fig. 2), alone and with GODC."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.training import GODCLossMixin, LFAMArchitectureMixin, TrainingLengthFromEnvMixin
+from nnunet_ext.training import GODCLossMixin, GODCOnlyLossMixin, LFAMArchitectureMixin, TrainingLengthFromEnvMixin
+from nnunet_ext.training.recipes import GODC_LFAM_RECIPE, PaperRecipeMixin
 
 
 class nnUNetTrainerLFAM(TrainingLengthFromEnvMixin, LFAMArchitectureMixin, nnUNetTrainer):
@@ -22,3 +23,11 @@ class nnUNetTrainerLFAMShared(TrainingLengthFromEnvMixin, LFAMArchitectureMixin,
     """LFAM with one deformable kernel bank shared by all levels (the paper's "Conv. shared" ablation)."""
 
     lfam_shared = True
+
+
+class nnUNetTrainerGODCLFAMPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, GODCOnlyLossMixin,
+                                       LFAMArchitectureMixin, nnUNetTrainer):
+    """GODC alone and LFAM trained with the GODC/LFAM paper's recipe (Section III.C): Adam 2e-4 constant,
+    1000 epochs, batch 2, scaling 0.7-1.3, 90-degree rotations, no other augmentation."""
+
+    paper_recipe = GODC_LFAM_RECIPE

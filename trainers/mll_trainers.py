@@ -3,6 +3,7 @@ multi-level structural loss paper) and their ablations; GODC as the region term 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.training import DiceCELossMixin, GODCLossMixin, StructuralLossMixin, TrainingLengthFromEnvMixin
+from nnunet_ext.training.recipes import MLL_RECIPE, PaperRecipeMixin
 
 
 class nnUNetTrainerMLL(TrainingLengthFromEnvMixin, StructuralLossMixin, DiceCELossMixin, nnUNetTrainer):
@@ -23,3 +24,13 @@ class nnUNetTrainerRegionPoint(TrainingLengthFromEnvMixin, StructuralLossMixin, 
     """Ablation: Dice+CE + beta * uncertain-point CE (no boundary term)."""
 
     mll_boundary_term = False
+
+
+class nnUNetTrainerMLLPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, StructuralLossMixin, DiceCELossMixin,
+                                  nnUNetTrainer):
+    """The multi-level structural loss with Dice as its region term, trained with the paper's recipe
+    (Section 4): Adam 1e-5, halved every 2 epochs after 8, reset at epoch 12; 20 epochs, batch 1, no
+    augmentation."""
+
+    dice_ce_weight_ce = 0.0
+    paper_recipe = MLL_RECIPE

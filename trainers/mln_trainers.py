@@ -4,6 +4,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.training.loss_mixins import DiceCELossMixin
 from nnunet_ext.training.mln_mixins import MLNArchitectureMixin, MLNLossMixin
+from nnunet_ext.training.recipes import MLN_RECIPE, PaperRecipeMixin
 from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
 
 
@@ -12,3 +13,12 @@ class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin
     """MLN: the plans' U-Net + boundary, pixel (point attention) and fusion heads; Eq. 13 loss; predicts the fusion.
 
     Region term Dice+CE; alpha 1, beta = gamma = 0 for the first 12 epochs, then 1 (Section 4.1.1)."""
+
+
+class nnUNetTrainerMLNPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, MLNLossMixin, DiceCELossMixin,
+                                  MLNArchitectureMixin, nnUNetTrainer):
+    """MLN with Dice region and fusion terms, trained with the paper's recipe (Section 4): Adam 1e-5, halved
+    every 2 epochs after 8, reset at epoch 12; 25 epochs, batch 1, no augmentation."""
+
+    dice_ce_weight_ce = 0.0
+    paper_recipe = MLN_RECIPE

@@ -2,7 +2,9 @@
 the GODC/LFAM paper's "Residual U-Net" baseline), alone and with GODC / LFAM by composition."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ext.training.loss_mixins import GODCLossMixin
+from nnunet_ext.training.loss_mixins import DiceCELossMixin, GODCLossMixin
+from nnunet_ext.training.recipes import RESUNET_RECIPE, PaperRecipeMixin
+from nnunet_ext.training.paper_networks import PaperResUNetArchitectureMixin
 from nnunet_ext.training.resunet_mixins import ResUNetArchitectureMixin, ResUNetLFAMArchitectureMixin
 from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
 
@@ -18,3 +20,17 @@ class nnUNetTrainerResUNetGODC(TrainingLengthFromEnvMixin, GODCLossMixin, ResUNe
 class nnUNetTrainerResUNetGODCLFAM(TrainingLengthFromEnvMixin, GODCLossMixin, ResUNetLFAMArchitectureMixin,
                                    nnUNetTrainer):
     """Pre-activation residual U-Net with LFAM on every skip and GODC + CE."""
+
+
+class nnUNetTrainerResUNetPaper(TrainingLengthFromEnvMixin, PaperResUNetArchitectureMixin, nnUNetTrainer):
+    """Zhang et al.'s residual U-Net as the ResUNet paper builds it (64/128/256 + 512 bridge, BatchNorm, one
+    unit per level) on any plans whose patch is a multiple of 8; nnU-Net's Dice+CE loss."""
+
+
+class nnUNetTrainerResUNetPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, PaperResUNetArchitectureMixin,
+                                      DiceCELossMixin, nnUNetTrainer):
+    """The ResUNet paper's network, loss (soft Dice alone) and augmentation (rotation, left-right flips,
+    noise); the paper gives no optimiser or schedule, so they are nnU-Net's."""
+
+    dice_ce_weight_ce = 0.0
+    paper_recipe = RESUNET_RECIPE

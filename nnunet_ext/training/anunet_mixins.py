@@ -67,8 +67,11 @@ class NestedUNetArchitectureMixin:
         if not self.enable_deep_supervision:
             return None
         dim = len(self.configuration_manager.patch_size)
-        num_heads = len(self.configuration_manager.pool_op_kernel_sizes) - 1
-        return [[1.0] * dim for _ in range(num_heads)]
+        return [[1.0] * dim for _ in range(self._num_heads())]
+
+    def _num_heads(self) -> int:
+        """Heads of the trained (full) network: one per level of the plans' topology."""
+        return len(self.configuration_manager.pool_op_kernel_sizes) - 1
 
     def _deep_supervision_weights(self):
         num_heads = len(self._get_deep_supervision_scales())

@@ -39,16 +39,21 @@ class DeepSupervisedLossMixin:
 
 class DiceCELossMixin(DeepSupervisedLossMixin):
     """nnU-Net's own per-output loss (Dice + CE, or Dice + BCE for regions; same arguments as
-    ``nnUNetTrainer._build_loss``), as a region term other mixins can build on."""
+    ``nnUNetTrainer._build_loss``), as a region term other mixins can build on.
+
+    ``dice_ce_weight_ce`` (1.0): weight of the CE/BCE term; 0 leaves the soft Dice alone, the region term
+    of the multi-level structural loss paper and the ResUNet paper's loss (their recipe trainers)."""
+
+    dice_ce_weight_ce: float = 1.0
 
     def _build_output_loss(self) -> nn.Module:
         dice_kwargs = {'batch_dice': self.configuration_manager.batch_dice, 'smooth': 1e-5, 'ddp': self.is_ddp}
         if self.label_manager.has_regions:
-            loss = DC_and_BCE_loss({}, {**dice_kwargs, 'do_bg': True},
+            loss = DC_and_BCE_loss({}, {**dice_kwargs, 'do_bg': True}, weight_ce=self.dice_ce_weight_ce,
                                    use_ignore_label=self.label_manager.ignore_label is not None,
                                    dice_class=MemoryEfficientSoftDiceLoss)
         else:
-            loss = DC_and_CE_loss({**dice_kwargs, 'do_bg': False}, {}, weight_ce=1, weight_dice=1,
+            loss = DC_and_CE_loss({**dice_kwargs, 'do_bg': False}, {}, weight_ce=self.dice_ce_weight_ce, weight_dice=1,
                                   ignore_label=self.label_manager.ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
         if self._do_i_compile():
             loss.dc = torch.compile(loss.dc)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from nnunet_ext.losses.mln import MLNLoss, MLNSchedule, SignedDistanceRegressionLoss
 from nnunet_ext.training.architecture_mixins import PLAIN_UNET, RESENC_UNET, PlansUNetVariantMixin
+from nnunet_ext.training.memory_check import unwrapped_network
 from nnunet_ext.training.structural_mixins import StructuralLossMixin
 
 __all__ = ["MLNArchitectureMixin", "MLNLossMixin"]
@@ -84,4 +85,7 @@ class MLNLossMixin(StructuralLossMixin):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # sets the weights and logs region, alpha, beta
-        self.print_to_log_file(f"MLN fusion weight (gamma) {self.loss.weights.fusion:.4g}")
+        fusion_active = self.loss.weights.fusion > 0
+        unwrapped_network(self.network).fusion_active.fill_(fusion_active)
+        self.print_to_log_file(f"MLN fusion weight (gamma) {self.loss.weights.fusion:.4g}; the network predicts with "
+                               f"{'the fusion' if fusion_active else 'the region branch (fusion not trained yet)'}")

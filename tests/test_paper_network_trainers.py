@@ -1,0 +1,131 @@
+"""The papers' own networks as trainers (``nnUNetTrainerANUNetPaper``, ``nnUNetTrainerResUNetPaper``): the
+parameter counts the papers give, with the plans' channels and classes; the deep-supervision outputs
+match the scales the trainer gives nnU-Net's data pipeline; 3D plans and a patch the network cannot divide
+are refused with a clear message; a pruned export's plans build the pruned level."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import pytest
+import torch
+
+from gpu_readiness_helpers import DATASET_JSON, tiny_plans, trainer_class
+from nnunet_ext.architectures.anunet import PRUNE_LEVEL_ENV
+
+ANUNET_PAPER = 'nnUNetTrainerANUNetPaper'
+RESUNET_PAPER = 'nnUNetTrainerResUNetPaper'
+# One binary output (a single region, sigmoid): the papers' setting, so their counts apply unchanged.
+ONE_REGION = {'labels': {'background': 0, 'organ': [1, 2]}, 'regions_class_order': [1]}
+
+pytestmark = pytest.mark.usefixtures('nnunet_folders')  # nnU-Net's trainers need its folders set
+
+
+@pytest.fixture(autouse=True)
+def _no_prune_env(monkeypatch):
+    monkeypatch.delenv(PRUNE_LEVEL_ENV, raising=False)
+
+
+def _trainer(name, configuration='2d', channels=1, dataset_json=None, patch=None, arch_kwargs=None):
+    plans = copy.deepcopy(tiny_plans())
+    if patch is not None:
+        plans['configurations'][configuration]['patch_size'] = patch
+    if arch_kwargs:
+        plans['configurations'][configuration]['architecture']['arch_kwargs'].update(arch_kwargs)
+    dataset_json = {**DATASET_JSON, **(dataset_json or {}),
+                    'channel_names': {str(c): f'channel{c}' for c in range(channels)}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = trainer_class(name)(plans, configuration, 0, dataset_json, torch.device('cpu'))
+    return trainer
+
+
+def _network(trainer, channels=1, deep_supervision=True):
+    return trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, channels,
+                                              trainer.label_manager.num_segmentation_heads, deep_supervision)
+
+
+def _n_params(network):
+    return sum(p.numel() for p in network.parameters())
+
+
+@pytest.mark.parametrize('name, channels, params', [
+    (ANUNET_PAPER, 1, 8_950_594),   # ANU-Net paper, Table 6, L4 (one CT channel, one output)
+    (RESUNET_PAPER, 3, 8_221_379),  # Zhang et al.'s network on RGB, one output: 8,220,993 + 386 in the two
+])                                  # auxiliary heads (architectures/resunet.py)
+def test_the_network_is_the_papers_whatever_the_plans_topology(name, channels, params):
+    trainer = _trainer(name, channels=channels, dataset_json=ONE_REGION)
+    assert trainer.configuration_manager.network_arch_init_kwargs['features_per_stage'] == [4, 8, 16, 32]
+    network = _network(trainer, channels)
+    assert _n_params(network) == params
+    norms = {type(m) for m in network.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase,
+                                                                 torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    assert norms == {torch.nn.BatchNorm2d}  # the papers' norm, not the plans' InstanceNorm
+
+
+def test_more_classes_add_one_output_channel_to_every_head():
+    """ANU-Net: 4 heads of 1x1 conv on 32 features, (32 + 1) parameters per extra output channel each."""
+    trainer = _trainer(ANUNET_PAPER)  # background + liver + tumour: 3 softmax outputs
+    assert _n_params(_network(trainer)) == 8_950_594 + 2 * 4 * (32 + 1)
+
+
+@pytest.mark.parametrize('name', [ANUNET_PAPER, RESUNET_PAPER])
+def test_deep_supervision_outputs_match_the_trainers_scales_and_the_loss_takes_them(name):
+    trainer = _trainer(name)
+    patch = trainer.configuration_manager.patch_size
+    network = _network(trainer)
+    x = torch.randn(2, 1, *patch)
+    outputs = network(x)
+    scales = trainer._get_deep_supervision_scales()
+    expected = [[int(p * s) for p, s in zip(patch, scale)] for scale in scales]
+    assert [list(o.shape[2:]) for o in outputs] == expected
+    assert all(o.shape[:2] == (2, 3) for o in outputs)
+    if name == ANUNET_PAPER:
+        assert len(outputs) == 4 and all(e == list(patch) for e in expected)  # X_{0,4..1}, all full resolution
+    else:
+        assert expected == [list(patch), [p // 2 for p in patch], [p // 4 for p in patch]]
+    targets = [torch.randint(0, 3, (2, 1, *shape)).float() for shape in expected]
+    trainer.loss = trainer._build_loss()
+    loss = trainer.loss(outputs, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    unused = {k for k, p in network.named_parameters() if p.grad is None}
+    # nnU-Net weights the lowest-resolution head 0 outside DDP (and keeps it under DDP without compile);
+    # ANU-Net's heads have equal weights (Eq. 8)
+    assert unused == (set() if name == ANUNET_PAPER else {'decoder.seg_layers.0.weight', 'decoder.seg_layers.0.bias'})
+    network.eval()
+    with torch.no_grad():  # the predictor's network: deep supervision off, one full-resolution output
+        single = _network(trainer, deep_supervision=False)
+        single.load_state_dict(network.state_dict())
+        assert single(x).shape == (2, 3, *patch)
+
+
+@pytest.mark.parametrize('name, patch, factor', [(ANUNET_PAPER, [40, 40], 16), (RESUNET_PAPER, [36, 44], 8)])
+def test_a_patch_the_network_cannot_divide_is_refused(name, patch, factor):
+    trainer = _trainer(name, patch=patch)
+    with pytest.raises(ValueError, match=rf'multiple of {factor}; these plans\' patch is \[{patch[0]}, {patch[1]}\]'):
+        _network(trainer)
+
+
+@pytest.mark.parametrize('name', [ANUNET_PAPER, RESUNET_PAPER])
+def test_3d_plans_are_refused_the_papers_networks_are_2d(name):
+    with pytest.raises(ValueError, match=r'is a 2D network .* patch \[16, 32, 32\] is 3D\. Train the 2d configuration'):
+        _network(_trainer(name, '3d_fullres'))
+
+
+def test_resunet_paper_takes_a_patch_anunet_paper_refuses():
+    _network(_trainer(RESUNET_PAPER, patch=[40, 40]))  # 40 = 5 * 8
+
+
+def test_pruned_plans_build_the_pruned_level():
+    """``nnunet-ext prune`` writes ``max_level`` into the plans: Table 6's L2 network, 513,387 parameters."""
+    trainer = _trainer(ANUNET_PAPER, dataset_json=ONE_REGION, arch_kwargs={'max_level': 2})
+    network = _network(trainer, deep_supervision=False)
+    assert network.max_level == network.prune_level == 2
+    assert _n_params(network) == 513_387
+
+
+def test_the_prune_level_variable_reaches_the_paper_network(monkeypatch):
+    monkeypatch.setenv(PRUNE_LEVEL_ENV, '3')
+    network = _network(_trainer(ANUNET_PAPER), deep_supervision=False)
+    assert network.max_level == 4 and network.prune_level == 3
