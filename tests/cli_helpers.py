@@ -134,3 +134,20 @@ def plan_stock_phantoms(root: str) -> Dict[str, dict]:
         futures = {c: pool.submit(planned_phantom, env, i, f'StockPhantom{c.replace("_", "")}', c, shape)
                    for c, (i, shape) in STOCK_PHANTOMS.items()}
         return {c: dict(env=env, dataset_id=STOCK_PHANTOMS[c][0], dataset=f.result()) for c, f in futures.items()}
+
+
+def assert_label_maps_on_input_grids(images_folder: str, predictions: Dict[str, str], labels=(0, 1, 2)) -> None:
+    """Each folder of ``predictions`` (name -> folder) holds one label map per ``*_0000.nii.gz`` image of
+    ``images_folder``, on that image's grid (size, spacing), with values in ``labels``."""
+    import glob
+
+    import numpy as np
+    import SimpleITK as sitk
+    images = sorted(glob.glob(os.path.join(images_folder, '*_0000.nii.gz')))
+    for name, folder in predictions.items():
+        predicted = sorted(glob.glob(os.path.join(folder, '*.nii.gz')))
+        assert [os.path.basename(p) for p in predicted] == [os.path.basename(i).replace('_0000', '') for i in images]
+        for image, prediction in zip(images, predicted):
+            a, b = sitk.ReadImage(image), sitk.ReadImage(prediction)
+            assert a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing()), name
+            assert set(np.unique(sitk.GetArrayFromImage(b))) <= set(labels), name

@@ -6,15 +6,12 @@ side, then ``nnUNetv2_predict`` (the predictor rebuilds the paper networks and l
 recipe trained without 2D mirroring of the first axis, so the predictor mirrors the last axis only)."""
 from __future__ import annotations
 
-import glob
 import os
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, run_parallel
+from cli_helpers import SHORT_TRAINING, assert_label_maps_on_input_grids, run_parallel
 
 pytestmark = pytest.mark.cli
 
@@ -60,11 +57,4 @@ def test_the_recipe_trains_with_its_loss_and_augmentation(runs):
 
 
 def test_predictions_are_label_maps_on_the_input_grid(runs):
-    images = sorted(glob.glob(os.path.join(runs['images'], '*_0000.nii.gz')))
-    for trainer, folder in runs['predictions'].items():
-        predicted = sorted(glob.glob(os.path.join(folder, '*.nii.gz')))
-        assert [os.path.basename(p) for p in predicted] == [os.path.basename(i).replace('_0000', '') for i in images]
-        for image, prediction in zip(images, predicted):
-            a, b = sitk.ReadImage(image), sitk.ReadImage(prediction)
-            assert a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
-            assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2}, trainer
+    assert_label_maps_on_input_grids(runs['images'], runs['predictions'])

@@ -4,15 +4,12 @@ nnUNetv2_train -> nnUNetv2_predict (the predictor rebuilds the network from the 
 supervision and loads its weights strictly). 3D also runs the GODC + LFAM combination."""
 from __future__ import annotations
 
-import glob
 import os
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from cli_helpers import SHORT_TRAINING, run_parallel
+from cli_helpers import SHORT_TRAINING, assert_label_maps_on_input_grids, run_parallel
 
 pytestmark = pytest.mark.cli
 
@@ -62,11 +59,4 @@ def test_trainers_train_the_preactivation_resunet_with_the_short_schedule(pipeli
 
 
 def test_predictions_are_label_maps_on_the_input_grids(pipeline):
-    images = sorted(glob.glob(os.path.join(pipeline['images'], '*_0000.nii.gz')))
-    for trainer, folder in pipeline['predictions'].items():
-        predicted = sorted(glob.glob(os.path.join(folder, '*.nii.gz')))
-        assert [os.path.basename(p) for p in predicted] == [os.path.basename(i).replace('_0000', '') for i in images]
-        for image, prediction in zip(images, predicted):
-            a, b = sitk.ReadImage(image), sitk.ReadImage(prediction)
-            assert a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
-            assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2}, trainer
+    assert_label_maps_on_input_grids(pipeline['images'], pipeline['predictions'])
