@@ -12,7 +12,7 @@ class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin
                        nnUNetTrainer):
     """MLN: the plans' U-Net + boundary, pixel (point attention) and fusion heads; Eq. 13 loss; predicts the fusion.
 
-    Region term Dice+CE; alpha 1, beta = gamma = 0 for the first 12 epochs, then 1 (Section 4.1.1)."""
+    The prediction is the region branch's until the fusion trains (gamma > 0). Region term Dice+CE; alpha 1, beta = gamma = 0 for the first 12 epochs, then 1 (Section 4.1.1)."""
 
 
 class nnUNetTrainerMLNPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, MLNLossMixin, DiceCELossMixin,
