@@ -23,6 +23,7 @@ What stays nnU-Net's in every recipe, and why:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -224,9 +225,8 @@ class PaperRecipeMixin:
         recipe = self.paper_recipe
         if recipe.optimizer == 'adam':
             optimizer = torch.optim.Adam(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True)
+        else:  # nnU-Net's own optimiser; only its schedule is replaced
+            optimizer, _ = super().configure_optimizers()
         initial_lr, num_epochs = self.initial_lr, self.num_epochs
         return optimizer, EpochLRScheduler(optimizer, lambda epoch: recipe.lr_schedule(epoch, initial_lr, num_epochs))
 
@@ -254,7 +254,7 @@ class PaperRecipeMixin:
         for transform in pipeline.transforms:
             inner = transform.transform if isinstance(transform, RandomTransform) else transform
             if isinstance(inner, SpatialTransform):
-                transforms.extend(self._recipe_spatial(inner, patch_size, augmentation))
+                transforms.extend(self._recipe_spatial(inner, augmentation))
             elif isinstance(inner, NNUNET_INTENSITY_TRANSFORMS):
                 keep = augmentation.nnunet_intensity or (augmentation.gaussian_noise
                                                          and isinstance(inner, GaussianNoiseTransform))
@@ -265,7 +265,7 @@ class PaperRecipeMixin:
         return ComposeTransforms(transforms)
 
     @staticmethod
-    def _recipe_spatial(nnunet_spatial: SpatialTransform, patch_size, augmentation: RecipeAugmentation):
+    def _recipe_spatial(nnunet_spatial: SpatialTransform, augmentation: RecipeAugmentation):
         """nnU-Net's ``SpatialTransform`` (it also crops the sampled, larger patch to the patch size) with the
         recipe's scaling and rotation; then the 90-degree rotation, if any."""
         spatial = nnunet_spatial
@@ -317,10 +317,8 @@ MLL_RECIPE = PaperRecipe(
            "ResNet-18/ASPP backbone, 3-slice input, coarse-to-fine model and early stopping are not part of "
            "this recipe (the plans' U-Net, one slice, one stage, all epochs)"))
 
-MLN_RECIPE = PaperRecipe(
-    source='multi-level structural loss paper, Section 4 (NIH pancreas, the network)', optimizer='adam',
-    initial_lr=1e-5, lr_schedule=RestartingStepLR(hold=8, every=2, factor=0.5, restarts=(12,)), num_epochs=25,
-    batch_size=1, augmentation=RecipeAugmentation(), notes=MLL_RECIPE.notes)
+MLN_RECIPE = dataclasses.replace(  # the same training, 25 epochs for the network
+    MLL_RECIPE, source='multi-level structural loss paper, Section 4 (NIH pancreas, the network)', num_epochs=25)
 
 RESUNET_RECIPE = PaperRecipe(
     source='ResUNet paper, Section III (pre-processing, augmentation, Dice loss)', optimizer='sgd',
