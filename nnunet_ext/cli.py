@@ -5,12 +5,13 @@
     nnunet-ext plan ID -pl PLANNER       plan (and preprocess) with one of our planners
     nnunet-ext demo [--budget N]         phantom dataset, nnUNetTrainer vs nnUNetTrainerGODC, Dice table
     nnunet-ext evaluate PRED GT [-d ID]  Dice, IoU, precision, recall, HD95, ASD, RVD per case and class
-    nnunet-ext cascade-predict -i IN -o OUT --liver D C TR --tumour D C TR   liver model -> liver crops -> tumour model
+    nnunet-ext cascade-predict -i IN -o OUT --coarse D C TR --fine D C TR   coarse model -> crops -> fine model
     nnunet-ext compare ID -c CONFIG      trainers over their cross-validation folds: tables, Wilcoxon tests, plots
     nnunet-ext fuse-views -i A C S -o OUT   predictions of 2D models of different views -> majority vote (or mean)
     nnunet-ext prune MODEL --level L -o OUT   an ANU-Net model folder pruned to level L
     nnunet-ext convert SOURCE IN --id N  a dataset (lits, ircadb, nih-pancreas, msd, chaos, folder2d) -> nnUNet_raw
-    nnunet-ext preprocess-images IN OUT  the conversion-time CT window / histogram equalisation on new images
+    nnunet-ext stack-slices ID --id N    2.5D: a copy of a raw dataset with each slice's neighbours as channels
+    nnunet-ext preprocess-images IN OUT  a dataset's CT window / histogram equalisation / slice stacking on new images
 """
 from __future__ import annotations
 

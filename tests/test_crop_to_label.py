@@ -92,12 +92,28 @@ def test_labels_crop_label_becomes_background_and_kept_labels_are_renumbered():
     assert kept.kept == ('vessel', 'tumor')  # source order
     np.testing.assert_array_equal(kept.remap(np.array([0, 1, 2, 3, 4])), [0, 0, 1, 2, 0])
     assert type(labels).from_record(labels.record(10.0, 'Dataset501_LiTS', [])) == labels
+    assert not labels.keeps_crop_label
+    old_record = labels.record(10.0, 'Dataset501_LiTS', [])
+    del old_record['kept_labels']  # records written before the coarse-to-fine option
+    assert type(labels).from_record(old_record) == labels
+
+
+def test_labels_the_crop_label_can_be_kept_and_is_kept_when_it_is_the_only_one():
+    """Coarse-to-fine of one structure (multi-level paper, Section 2.2): the fine stage segments the crop
+    label itself."""
+    pancreas = resolve_crop_labels({'background': 0, 'pancreas': 1}, 'pancreas')
+    assert pancreas.kept == ('pancreas',) and pancreas.keeps_crop_label and pancreas.region_values == (1,)
+    assert pancreas.crop_dataset_labels == {'background': 0, 'pancreas': 1}
+    both = resolve_crop_labels(LITS_LABELS, 'liver', ['tumor', 'liver'])
+    assert both.kept == ('liver', 'tumor') and both.region_labels == ('liver', 'tumor')
+    assert both.crop_dataset_labels == {'background': 0, 'liver': 1, 'tumor': 2}
+    np.testing.assert_array_equal(both.remap(np.array([0, 1, 2, 2, 1])), [0, 1, 2, 2, 1])
+    assert type(both).from_record(both.record(20.0, 'x', [])) == both
 
 
 @pytest.mark.parametrize('labels, label, keep, message', [
     (LITS_LABELS, 'spleen', None, r"'spleen' is not a label of this dataset; its labels: liver \(1\), tumor \(2\)"),
-    (LITS_LABELS, 'liver', ['liver'], 'the crop label becomes background'),
-    ({'background': 0, 'liver': 1}, 'liver', None, 'no other label'),
+    (LITS_LABELS, 'liver', ['tumor', 'tumor'], 'names a label twice'),
     ({'background': 0, 'liver_and_tumor': [1, 2], 'tumor': 2}, 'tumor', None, 'regions'),
 ])
 def test_bad_label_choices_are_refused(labels, label, keep, message):

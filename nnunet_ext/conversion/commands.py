@@ -1,4 +1,4 @@
-"""The ``nnunet-ext convert SOURCE ...`` and ``nnunet-ext preprocess-images`` subcommands."""
+"""The ``nnunet-ext convert SOURCE ...``, ``stack-slices`` and ``preprocess-images`` subcommands."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import List, Tuple
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.errors import UserInputError
@@ -30,15 +31,17 @@ def _add_common(p: argparse.ArgumentParser, name_default: str) -> None:
     p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
     p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
     p.add_argument('--crop-to-label', default=None, metavar='LABEL',
-                   help='write the tumour-stage training set of a two-stage cascade instead: each labelled case '
+                   help='write the second-stage training set of a two-stage cascade instead: each labelled case '
                         'cropped to the bounding box of LABEL (name or number) and the labels kept inside it, '
-                        'LABEL itself becomes background, kept labels renumbered 1, 2, ...; cases without LABEL '
-                        'are skipped with a warning (see nnunet-ext cascade-predict)')
+                        'kept labels renumbered 1, 2, ...; LABEL itself becomes background unless kept (the '
+                        'coarse-to-fine fine stage; the default when LABEL is the only foreground label); cases '
+                        'without LABEL are skipped with a warning (see nnunet-ext cascade-predict)')
     p.add_argument('--crop-margin', type=float, default=None, metavar='MM',
                    help='margin around the box in millimetres, per axis ceil(MM / spacing) voxels (default: 10; '
                         'recorded in dataset.json, cascade-predict uses the same)')
     p.add_argument('--crop-keep', nargs='+', default=None, metavar='LABEL',
-                   help='labels the second stage learns (default: every label other than --crop-to-label)')
+                   help='labels the second stage learns (default: every label other than --crop-to-label, or '
+                        'that label itself when there is no other); name --crop-to-label\'s label to keep it too')
     p.set_defaults(name_default=name_default)
 
 
@@ -142,7 +145,7 @@ def _run_convert(args) -> None:
 
 
 def add_convert_parsers(sub) -> None:
-    """Registers ``convert`` (one sub-subcommand per source) and ``preprocess-images`` on the CLI."""
+    """Registers ``convert`` (one sub-subcommand per source), ``stack-slices`` and ``preprocess-images`` on the CLI."""
     convert = sub.add_parser('convert', help="convert a dataset into nnU-Net's raw format (nnUNet_raw/DatasetNNN_NAME)",
                              description='Writes nnUNet_raw/DatasetNNN_NAME/{imagesTr,labelsTr,imagesTs,dataset.json} '
                                          'all-or-nothing (a temporary folder moved into place on success).')
@@ -193,18 +196,40 @@ def add_convert_parsers(sub) -> None:
     p.add_argument('--split', default=None, help='file listing the test case stems (lines, or JSON {"test": [...]})')
     p.set_defaults(func=_run_convert, convert=_cmd_folder2d)
 
-    p = sub.add_parser('preprocess-images', help='apply the conversion-time CT options (--window/--hist-eq) to new '
-                                                 'images before nnUNetv2_predict')
+    p = sub.add_parser('stack-slices', help='2.5D input for 2d configurations: a copy of a raw dataset whose '
+                                            'channels are each slice and its neighbours',
+                       description='Writes nnUNet_raw/DatasetNNN_NAME: the raw dataset SOURCE with every image channel '
+                                   'replaced by --slices channels, the slice itself and its neighbours along the axis '
+                                   'nnU-Net\'s 2d configuration slices (edge slices replicated), labels copied, '
+                                   'all-or-nothing. Plan and train it with the stock commands, 2d configuration, any '
+                                   'trainer; apply "nnunet-ext preprocess-images IN OUT -d NNN" to new images before '
+                                   'nnUNetv2_predict.')
+    p.add_argument('source', metavar='SOURCE', help='raw dataset id or name (3D images)')
+    p.add_argument('--id', type=int, required=True, help='target dataset id (DatasetNNN)')
+    p.add_argument('--name', default=None, help='target dataset name (default: the source\'s + "_<K>slices")')
+    p.add_argument('--slices', type=int, default=3, metavar='K',
+                   help='slices per channel, odd (default: 3, the multi-level paper\'s)')
+    p.add_argument('--axis', default=None, metavar='AXIS',
+                   help='array axis to stack along: 0, 1, 2, or the view of MultiView2DPlanner\'s plans to train '
+                        '(Axial, Coronal, Sagittal) (default: nnU-Net\'s 2d slicing axis, the largest median spacing)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
+    p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
+    p.set_defaults(func=_cmd_stack_slices)
+
+    p = sub.add_parser('preprocess-images', help='apply the conversion-time CT options (--window/--hist-eq) and the '
+                                                 '2.5D slice stacking of a dataset to new images before '
+                                                 'nnUNetv2_predict')
     p.add_argument('input', help='folder of images (nnU-Net naming, e.g. case_0000.nii.gz)')
     p.add_argument('output', help='output folder (created; existing files of the same name are replaced)')
     p.add_argument('-d', dest='dataset_id', type=int, default=None,
-                   help='take --window/--hist-eq from this converted dataset\'s dataset.json')
+                   help='take --window/--hist-eq and the slice stacking (nnunet-ext stack-slices) from this '
+                        'dataset\'s dataset.json')
     _add_ct_options(p)
     p.add_argument('--file-ending', default='.nii.gz')
     p.set_defaults(func=_cmd_preprocess_images)
 
 
-def _dataset_intensity(dataset_id: int) -> CTIntensity:
+def _dataset_json(dataset_id: int) -> Tuple[str, dict]:
     from nnunet_ext.conversion.raw_dataset import existing_datasets
     matches = [os.path.join(d, 'dataset.json') for d in existing_datasets(_raw_root(), dataset_id)
                if os.path.isfile(os.path.join(d, 'dataset.json'))]
@@ -212,36 +237,99 @@ def _dataset_intensity(dataset_id: int) -> CTIntensity:
         raise UserInputError(f"-d {dataset_id}: expected one nnUNet_raw/Dataset{dataset_id:03d}_*/dataset.json, "
                              f"found {len(matches)}")
     with open(matches[0], encoding='utf-8') as f:
-        record = json.load(f).get('nnunet_ext_intensity')
-    if record is None:
-        raise UserInputError(f"{matches[0]} records no CT intensity options (not converted by nnunet-ext convert)")
-    return CTIntensity(window=tuple(record['window']) if record['window'] else None, hist_eq=bool(record['hist_eq']))
+        return matches[0], json.load(f)
+
+
+def _slicing_axis(given: str) -> int:
+    from nnunet_ext.inference.fuse_views import VIEW_AXES
+    views = {name.lower(): axis for name, axis in VIEW_AXES.items()}
+    if given in ('0', '1', '2'):
+        return int(given)
+    if given.lower() in views:
+        return views[given.lower()]
+    raise UserInputError(f"--axis {given!r}: give 0, 1, 2 or a view ({', '.join(VIEW_AXES)})")
+
+
+def _cmd_stack_slices(args) -> None:
+    from nnunet_ext.conversion.slice_stack import stack_dataset
+    from nnunet_ext.nnunet_glue import dataset_name
+    raw_root = _raw_root()
+    source = dataset_name(args.source)
+    name = args.name if args.name is not None else f"{source.split('_', 1)[1]}_{args.slices}slices"
+    axis = None if args.axis is None else _slicing_axis(args.axis)
+    target, summary, stack = stack_dataset(os.path.join(raw_root, source), raw_root, args.id, name, args.slices,
+                                           args.overwrite, args.np, axis)
+    with open(os.path.join(target, 'dataset.json'), encoding='utf-8') as f:
+        labels = json.load(f)['labels']
+    print(_report(target, summary, labels))
+    print(f"{stack.slices} slices per channel (offsets {list(stack.offsets)}) along array axis {stack.axis}, "
+          f"edge slices replicated; train it with a 2d configuration whose plans slice along axis {stack.axis}")
 
 
 def _cmd_preprocess_images(args) -> None:
-    import SimpleITK as sitk
-    from tqdm import tqdm
+    from nnunet_ext.conversion.slice_stack import RECORD_KEY as SLICES_KEY, SliceStack
+    stack = None
     if args.dataset_id is not None:
         if args.window or args.hist_eq:
             raise UserInputError("give either -d DATASET or --window/--hist-eq, not both")
-        intensity = _dataset_intensity(args.dataset_id)
+        path, dataset_json = _dataset_json(args.dataset_id)
+        record = dataset_json.get('nnunet_ext_intensity')
+        intensity = CTIntensity(window=tuple(record['window']) if record and record['window'] else None,
+                                hist_eq=bool(record and record['hist_eq']))
+        if SLICES_KEY in dataset_json:
+            stack = SliceStack.from_record(dataset_json[SLICES_KEY])
+            channels = len(dataset_json[SLICES_KEY]['source_channels'])
+        if record is None and stack is None:
+            raise UserInputError(f"{path} records no CT intensity options and no slice stacking (a dataset not "
+                                 f"made by nnunet-ext convert or stack-slices): nothing to do")
     else:
         intensity = _intensity(args)
-    if not intensity.active:
-        raise UserInputError("nothing to do: no --window, no --hist-eq (and -d not given)")
+        if not intensity.active:
+            raise UserInputError("nothing to do: no --window, no --hist-eq (and -d not given)")
     if not os.path.isdir(args.input):
         raise UserInputError(f"{args.input!r} is not a folder")
     files = sorted(f for f in os.listdir(args.input) if f.endswith(args.file_ending))
     if not files:
         raise UserInputError(f"no *{args.file_ending} files in {args.input}")
+    what = ', '.join(([intensity.describe()] if intensity.active else []) +
+                     ([f'{stack.slices} slices per channel along axis {stack.axis}'] if stack else []))
     os.makedirs(args.output, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix='.preprocess-images-', dir=args.output)
     try:
-        for name in tqdm(files, desc=f'CT intensity: {intensity.describe()}', unit='image'):
-            image = sitk.ReadImage(os.path.join(args.input, name))
-            sitk.WriteImage(intensity.apply_to_image(image), os.path.join(scratch, name), useCompression=True)
-        for name in files:
+        written = _preprocess_files(args.input, files, scratch, intensity, stack,
+                                    channels if stack else None, args.file_ending, what)
+        for name in written:
             os.replace(os.path.join(scratch, name), os.path.join(args.output, name))
     finally:
         shutil.rmtree(scratch)
-    print(f"wrote {len(files)} images to {args.output} ({intensity.describe()})")
+    print(f"wrote {len(written)} images to {args.output} ({what})")
+
+
+def _preprocess_files(folder: str, files: List[str], output: str, intensity: CTIntensity, stack, channels,
+                      file_ending: str, what: str) -> List[str]:
+    """Writes every file of ``files`` (intensity options applied; with ``stack``, as its stacked channels:
+    ``CASE_XXXX`` channel ``c`` -> ``CASE_{c * k + j}``) into ``output``; returns the names written."""
+    import re
+    import SimpleITK as sitk
+    from tqdm import tqdm
+    from nnunet_ext.conversion.slice_stack import stack_image
+    pattern = re.compile(r'^(.+)_(\d{4})' + re.escape(file_ending) + '$')
+    written = []
+    for name in tqdm(files, desc=what, unit='image'):
+        image = sitk.ReadImage(os.path.join(folder, name))
+        if intensity.active:
+            image = intensity.apply_to_image(image)
+        if stack is None:
+            outputs = [(name, image)]
+        else:
+            match = pattern.match(name)
+            if match is None or int(match.group(2)) >= channels:
+                raise UserInputError(f"{name}: the dataset stacks slices of {channels} channel(s), named "
+                                     f"CASE_0000{file_ending} .. CASE_{channels - 1:04d}{file_ending}")
+            case, channel = match.group(1), int(match.group(2))
+            outputs = [(f'{case}_{channel * stack.slices + j:04d}{file_ending}', copy)
+                       for j, copy in enumerate(stack_image(image, stack))]
+        for out_name, out_image in outputs:
+            sitk.WriteImage(out_image, os.path.join(output, out_name), useCompression=True)
+            written.append(out_name)
+    return written

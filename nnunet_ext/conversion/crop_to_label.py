@@ -1,7 +1,8 @@
 """Cropping a converted dataset to the bounding box of one label: the training set of the tumour stage of
 the ResUNet paper's liver-then-tumour cascade (``docs/methods/resunet.md``, Sections
 II-E/F: a second network "segments liver tumors based on the region of interest detected by the
-previous network"). ``nnunet-ext convert SOURCE ... --crop-to-label liver`` applies it to any converter's
+previous network") and the fine stage of the multi-level paper's coarse-to-fine framework (Section 2.2).
+``nnunet-ext convert SOURCE ... --crop-to-label liver`` applies it to any converter's
 output; ``nnunet-ext cascade-predict`` crops and pastes with the same functions at prediction time.
 
 Our choices (documented for users in the README):
@@ -12,11 +13,15 @@ Our choices (documented for users in the README):
   **millimetres** on every side (``--crop-margin``, default 10 mm), converted per axis to whole voxels
   with ``ceil(margin / spacing)``: a physical margin means the same context on thin- and thick-slice
   scans; clipped at the image border.
-* **Labels.** The second network segments what lies *inside* the organ, so the crop label becomes
-  background and the kept labels (default: every other foreground label; ``--crop-keep`` to choose) are
-  renumbered 1, 2, ... in their original order, keeping their names: LiTS ``{background 0, liver 1,
-  tumor 2}`` -> ``{background 0, tumor 1}``. Labels neither kept nor cropped become background.
-  Datasets with regions or an ignore label are refused (none of our converters writes them).
+* **Labels.** The second network segments the kept labels (default: every foreground label other than
+  the crop label; ``--crop-keep`` to choose), renumbered 1, 2, ... in their original order, keeping
+  their names: LiTS ``{background 0, liver 1, tumor 2}`` -> ``{background 0, tumor 1}``. The crop label
+  becomes background unless it is kept itself: that is the *coarse-to-fine* fine stage of the
+  multi-level paper (``docs/methods/multi-level.md``, Section 2.2: the fine model segments the same organ
+  inside the coarse model's box), which is also the default when the dataset has no other foreground
+  label (NIH pancreas ``--crop-to-label pancreas`` keeps ``pancreas 1``). Labels neither kept nor
+  cropped become background. Datasets with regions or an ignore label are refused (none of our
+  converters writes them).
 * **Cases without the label** are skipped with a warning and listed in the summary and in dataset.json;
   no case left is an error. Test images without reference labels (``imagesTs`` without ``labelsTs``)
   cannot be cropped (the cascade crops them at prediction time) and are not copied.
@@ -94,7 +99,8 @@ def paste(values: np.ndarray, box: Box, shape: Sequence[int], fill=0) -> np.ndar
 # ---------------------------------------------------------------- labels
 @dataclass(frozen=True)
 class CropLabels:
-    """Which labels of the source dataset define the box and how the kept ones are renumbered."""
+    """Which labels of the source dataset define the box and how the kept ones are renumbered. ``kept`` may
+    hold the crop label itself (coarse-to-fine of one structure): then the fine stage segments it too."""
     source_labels: Tuple[Tuple[str, int], ...]  # (name, value), as in the source dataset.json
     crop_label: str
     kept: Tuple[str, ...]
@@ -104,8 +110,14 @@ class CropLabels:
         return dict(self.source_labels)
 
     @property
+    def keeps_crop_label(self) -> bool:
+        """True when the second stage segments the crop label itself (its output replaces the first
+        stage's inside the box, see ``cascade.py``)."""
+        return self.crop_label in self.kept
+
+    @property
     def region_labels(self) -> Tuple[str, ...]:
-        return (self.crop_label, *self.kept)
+        return (self.crop_label, *(n for n in self.kept if n != self.crop_label))
 
     @property
     def region_values(self) -> Tuple[int, ...]:
@@ -128,15 +140,16 @@ class CropLabels:
         return out
 
     def record(self, margin_mm: float, source: str, skipped: Sequence[str]) -> dict:
-        return {'label': self.crop_label, 'region_labels': list(self.region_labels), 'margin_mm': float(margin_mm),
-                'source': source, 'source_labels': self.source,
+        return {'label': self.crop_label, 'region_labels': list(self.region_labels), 'kept_labels': list(self.kept),
+                'margin_mm': float(margin_mm), 'source': source, 'source_labels': self.source,
                 'label_map': {str(k): v for k, v in self.value_map.items()}, 'skipped_cases': list(skipped)}
 
     @classmethod
     def from_record(cls, record: dict) -> 'CropLabels':
         source = {str(k): int(v) for k, v in record['source_labels'].items()}
         region = list(record['region_labels'])
-        return cls(tuple(source.items()), region[0], tuple(region[1:]))
+        kept = record.get('kept_labels', region[1:])  # records written before 'kept_labels' never kept the crop label
+        return cls(tuple(source.items()), region[0], tuple(kept))
 
 
 def _label_name(labels: Dict[str, int], given: str, what: str) -> str:
@@ -163,17 +176,12 @@ def resolve_crop_labels(labels: Dict[str, object], label: str, keep: Optional[Se
     int_labels = {str(k): int(v) for k, v in labels.items()}
     crop = _label_name(int_labels, str(label), '--crop-to-label')
     if keep is None:
-        kept = [n for n, v in sorted(int_labels.items(), key=lambda item: item[1]) if v != 0 and n != crop]
+        kept = [n for n, v in sorted(int_labels.items(), key=lambda item: item[1]) if v != 0 and n != crop] or [crop]
     else:
         kept = [_label_name(int_labels, str(k), '--crop-keep') for k in keep]
-        if crop in kept:
-            raise UserInputError(f"--crop-keep {crop!r}: the crop label becomes background; keep only the labels "
-                                 f"inside it")
         if len(set(kept)) != len(kept):
             raise UserInputError(f"--crop-keep names a label twice: {list(keep)}")
         kept.sort(key=lambda n: int_labels[n])
-    if not kept:
-        raise UserInputError(f"--crop-to-label {crop}: no other label is left for the second stage to learn")
     return CropLabels(tuple(int_labels.items()), crop, tuple(kept))
 
 

@@ -1,19 +1,35 @@
-"""Two-stage liver -> tumour prediction, the ResUNet paper's pipeline (``docs/methods/resunet.md``,
-Sections II-E/F, Fig. 4 and 8: a first network segments the liver, a second one the tumours "based on the
-region of interest detected by the previous network"), on nnU-Net's own predictor (``nnUNetPredictor``).
+"""Two-stage prediction on nnU-Net's own predictor (``nnUNetPredictor``): a *coarse* model finds a
+structure, a *fine* model segments inside its bounding box. It serves two papers:
 
-1. **Stage 1**: the liver model predicts every input case (or ``--liver_masks`` gives the masks).
-2. **Crop**: the liver region of a case is the stage-1 voxels labelled with the tumour dataset's region
-   labels (the crop label and the labels kept inside it, by name: for LiTS-like models, liver and
-   tumour); every channel of the image is cropped to its bounding box + the margin the tumour model's
-   training crops used (read from its dataset.json, ``nnunet_ext_crop``; ``--margin`` must agree), with
+* the ResUNet paper's **liver -> tumour** cascade (``docs/methods/resunet.md``, Sections II-E/F, Fig. 4
+  and 8: a first network segments the liver, a second one the tumours "based on the region of interest
+  detected by the previous network"): the fine dataset was made with ``--crop-to-label liver``, the crop
+  label is background for the fine model, and its labels (tumour) are painted over the coarse label;
+* the multi-level paper's **coarse-to-fine** framework for one structure (``docs/methods/multi-level.md``,
+  Section 2.2 and Algorithm 1): the fine dataset keeps the crop label (``--crop-to-label pancreas``), so
+  the fine output *replaces* the coarse one inside the box; with ``--refine T`` the box is re-estimated
+  from the fine prediction and the fine model run again until the relative Dice of two successive
+  predictions (Eq. 14) reaches the tolerance, the box stops changing, or T fine rounds have run.
+
+1. **Coarse stage**: the coarse model predicts every input case (or ``--coarse_masks`` gives the masks).
+2. **Crop**: the region of a case is the coarse voxels labelled with the fine dataset's region labels
+   (the crop label and the labels kept inside it, by name: for LiTS-like models, liver and tumour);
+   every channel of the image is cropped to its bounding box + the margin the fine model's training
+   crops used (read from its dataset.json, ``nnunet_ext_crop``; ``--margin`` must agree), with
    ``crop_to_label``'s functions, so prediction-time crops are made exactly like the training crops.
-3. **Stage 2**: the tumour model predicts the crops.
-4. **Paste**: output = the liver label where stage 1 found the liver region, each kept label (tumour)
-   where stage 2 predicts it inside the box (it wins over liver), background elsewhere; labels are
-   numbered as in the dataset the tumour crops came from (e.g. LiTS: liver 1, tumor 2) and written with
-   the input image's geometry. A case without any liver voxel gets an all-background output and a
-   warning (listed at the end).
+3. **Fine stage**: the fine model predicts the crops (round 1). With ``--refine T``, rounds 2 .. T
+   re-crop each case to the bounding box (+ margin) of its previous fine prediction and predict again; a
+   case stops when the box is unchanged (the same crop gives the same prediction), when RDSC >= tol
+   (Eq. 14, on the foreground of the full-image predictions), or when its fine prediction is empty.
+4. **Paste**: labels are numbered as in the dataset the fine crops came from (e.g. LiTS: liver 1,
+   tumor 2) and written with the input image's geometry.
+   - crop label not kept (liver -> tumour): the crop label where the coarse stage found the region,
+     each fine label where the fine stage predicts it inside the box (it wins), background elsewhere;
+   - crop label kept (coarse-to-fine): the fine prediction inside the (last) box, background elsewhere,
+     as Algorithm 1 returns the fine prediction. In round 1 the box holds every coarse voxel, so this is
+     the fine output replacing the coarse one inside the box.
+
+   A case without any coarse region voxel gets an all-background output and a warning (listed at the end).
 
 Outputs are written into a hidden scratch folder inside the output folder and moved into place only
 after every case succeeded; on any error nothing new is left (an output folder created by this run is
@@ -27,44 +43,68 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunet_ext.conversion.crop_to_label import (RECORD_KEY, Box, CropLabels, bounding_box, crop_image,
-                                                 margin_in_voxels, sitk_spacing)
+                                                 margin_in_voxels, paste, sitk_spacing)
 from nnunet_ext.conversion.geometry import check_same_grid
 from nnunet_ext.conversion.readers import checked_label_counts, read_image
 from nnunet_ext.errors import UserInputError
 
 DEFAULT_FOLDS = ('0', '1', '2', '3', '4')  # nnUNetv2_predict's default
+PAPER_REFINEMENT = (10, 0.99)  # multi-level paper, Section 4.1: T_max = 10, tol = 0.99
 
 
-# ---------------------------------------------------------------- the pure part: fusing the two stages
-def fuse_stages(liver_region: np.ndarray, liver_value: int, box: Optional[Box] = None,
-                tumour_crop: Optional[np.ndarray] = None, tumour_values: Optional[Dict[int, int]] = None) -> np.ndarray:
-    """The cascade's output label map: ``liver_value`` on ``liver_region`` (bool, full image), then inside
-    ``box`` every voxel where the stage-2 crop ``tumour_crop`` has a value ``v`` of ``tumour_values`` gets
-    ``tumour_values[v]``; everything else 0."""
-    top = max([liver_value, *(tumour_values or {}).values()])
-    out = np.zeros(liver_region.shape, np.uint8 if top < 256 else np.uint16)
-    out[liver_region] = liver_value
+# ---------------------------------------------------------------- the pure part
+def fuse_stages(shape: Sequence[int], box: Optional[Box] = None, fine_crop: Optional[np.ndarray] = None,
+                fine_values: Optional[Dict[int, int]] = None, coarse_region: Optional[np.ndarray] = None,
+                coarse_value: int = 0) -> np.ndarray:
+    """The cascade's output label map of ``shape``: ``coarse_value`` on ``coarse_region`` (bool, full image;
+    None when the fine stage segments the crop label itself), then inside ``box`` every voxel where the
+    fine crop ``fine_crop`` has a value ``v`` of ``fine_values`` gets ``fine_values[v]``; everything else 0."""
+    top = max([coarse_value, *(fine_values or {}).values()])
+    out = np.zeros(tuple(shape), np.uint8 if top < 256 else np.uint16)
+    if coarse_region is not None:
+        out[coarse_region] = coarse_value
     if box is None:
         return out
     expected = tuple(b.stop - b.start for b in box)
-    if tumour_crop is None or tumour_crop.shape != expected:
-        raise ValueError(f"stage-2 prediction of shape {None if tumour_crop is None else tumour_crop.shape} does "
+    if fine_crop is None or fine_crop.shape != expected:
+        raise ValueError(f"fine-stage prediction of shape {None if fine_crop is None else fine_crop.shape} does "
                          f"not fit the box {box} (shape {expected})")
-    unknown = sorted(set(np.unique(tumour_crop).tolist()) - {0, *tumour_values})
+    unknown = sorted(set(np.unique(fine_crop).tolist()) - {0, *fine_values})
     if unknown:
-        raise ValueError(f"stage-2 prediction has labels {unknown}; expected {sorted({0, *tumour_values})}")
+        raise ValueError(f"fine-stage prediction has labels {unknown}; expected {sorted({0, *fine_values})}")
     window = out[box]
-    for crop_value, value in tumour_values.items():
-        window[tumour_crop == crop_value] = value
+    for crop_value, value in fine_values.items():
+        window[fine_crop == crop_value] = value
     return out
+
+
+def relative_dice(previous: np.ndarray, current: np.ndarray) -> float:
+    """RDSC of two successive binary predictions, the multi-level paper's Eq. 14:
+    ``2 |P_t n P_t+1| / (|P_t| + |P_t+1|)``; 1 when both are empty."""
+    total = int(np.count_nonzero(previous)) + int(np.count_nonzero(current))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(previous & current)) / total
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The test-time refinement of the coarse-to-fine framework (Algorithm 1): at most ``max_rounds`` fine
+    rounds in all (1: no refinement), stopping a case when RDSC >= ``tolerance``."""
+    max_rounds: int = 1
+    tolerance: float = PAPER_REFINEMENT[1]
+
+    def __post_init__(self):
+        if self.max_rounds < 1:
+            raise UserInputError(f"--refine takes the number of fine rounds in all (>= 1), got {self.max_rounds}")
+        if not 0 < self.tolerance <= 1:
+            raise UserInputError(f"--refine_tol is a relative Dice in (0, 1], got {self.tolerance}")
 
 
 # ---------------------------------------------------------------- models and inputs
@@ -130,7 +170,7 @@ def list_cases(folder: str, file_ending: str, channels: int) -> Dict[str, List[s
 
 @dataclass(frozen=True)
 class PredictorSettings:
-    """The nnUNetv2_predict options the cascade passes on."""
+    """The nnUNetv2_predict options the cascade passes on (to both stages)."""
     device: str = 'cuda'
     checkpoint: str = 'checkpoint_final.pth'
     step_size: float = 0.5
@@ -140,57 +180,78 @@ class PredictorSettings:
     progress: bool = True
 
 
-def _predict(folder: str, folds: Sequence[str], cases: Dict[str, List[str]], output_folder: str,
-             settings: PredictorSettings) -> None:
-    """nnU-Net's predictor on ``cases`` into ``output_folder/<case><file_ending>`` (sequential with -npp 0 -nps 0,
-    as nnUNetv2_predict)."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    device = torch.device(settings.device)
-    if device.type == 'cpu':
-        torch.set_num_threads(multiprocessing.cpu_count())  # as nnUNetv2_predict
-    predictor = nnUNetPredictor(tile_step_size=settings.step_size, use_gaussian=True,
-                                use_mirroring=not settings.disable_tta,
-                                perform_everything_on_device=device.type == 'cuda', device=device,
-                                allow_tqdm=settings.progress)
-    predictor.initialize_from_trained_model_folder(folder, [f if f == 'all' else int(f) for f in folds],
-                                                   checkpoint_name=settings.checkpoint)
-    names = sorted(cases)
-    inputs, outputs = [cases[c] for c in names], [os.path.join(output_folder, c) for c in names]
-    os.makedirs(output_folder, exist_ok=True)
-    if settings.npp == 0 and settings.nps == 0:
-        predictor.predict_from_files_sequential(inputs, outputs, overwrite=True)
-    else:
-        predictor.predict_from_files(inputs, outputs, overwrite=True, num_processes_preprocessing=settings.npp,
-                                     num_processes_segmentation_export=settings.nps)
+class StagePredictor:
+    """nnU-Net's predictor for one stage's model, loaded once and reused for every round."""
+
+    def __init__(self, folder: str, folds: Sequence[str], settings: PredictorSettings):
+        self.folder, self.folds, self.settings = folder, tuple(folds), settings
+        self._predictor = None
+
+    def _loaded(self):
+        if self._predictor is None:
+            import torch
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            device = torch.device(self.settings.device)
+            if device.type == 'cpu':
+                torch.set_num_threads(multiprocessing.cpu_count())  # as nnUNetv2_predict
+            predictor = nnUNetPredictor(tile_step_size=self.settings.step_size, use_gaussian=True,
+                                        use_mirroring=not self.settings.disable_tta,
+                                        perform_everything_on_device=device.type == 'cuda', device=device,
+                                        allow_tqdm=self.settings.progress)
+            predictor.initialize_from_trained_model_folder(
+                self.folder, [f if f == 'all' else int(f) for f in self.folds],
+                checkpoint_name=self.settings.checkpoint)
+            self._predictor = predictor
+        return self._predictor
+
+    def predict(self, cases: Dict[str, List[str]], output_folder: str) -> None:
+        """``cases`` into ``output_folder/<case><file_ending>`` (sequential with -npp 0 -nps 0, as
+        nnUNetv2_predict)."""
+        predictor = self._loaded()
+        names = sorted(cases)
+        inputs, outputs = [cases[c] for c in names], [os.path.join(output_folder, c) for c in names]
+        os.makedirs(output_folder, exist_ok=True)
+        if self.settings.npp == 0 and self.settings.nps == 0:
+            predictor.predict_from_files_sequential(inputs, outputs, overwrite=True)
+        else:
+            predictor.predict_from_files(inputs, outputs, overwrite=True,
+                                         num_processes_preprocessing=self.settings.npp,
+                                         num_processes_segmentation_export=self.settings.nps)
 
 
-def crop_case_to_liver(case: str, image_paths: Sequence[str], mask_path: str, region_values: Sequence[int],
-                       margin_mm: float, crop_paths: Sequence[str], allowed_labels: Optional[Sequence[int]] = None
-                       ) -> Optional[Box]:
-    """Writes every channel of a case cropped to the bounding box of the stage-1 region (+ margin) to
-    ``crop_paths``; returns the box, or None (nothing written) when stage 1 found no liver.
-    ``allowed_labels``: check the mask's values (user-given masks)."""
-    image = read_image(case, image_paths[0])
+# ---------------------------------------------------------------- one case
+def read_coarse_region(case: str, image_path: str, mask_path: str, region_values: Sequence[int],
+                       allowed_labels: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, Tuple[float, ...]]:
+    """The coarse region of a case (bool, array order: the mask's voxels with ``region_values``) and the
+    image's spacing (array order); the mask must lie on the image's grid. ``allowed_labels``: check the
+    mask's values (user-given masks)."""
+    image = read_image(case, image_path)
     mask = read_image(case, mask_path)
-    check_same_grid(case, image, mask, what='liver mask')
+    check_same_grid(case, image, mask, what='coarse mask')
     values = sitk.GetArrayViewFromImage(mask)
     if allowed_labels is not None:
         checked_label_counts(case, values, allowed_labels, mask_path)
-    box = bounding_box(np.isin(values, region_values), margin_in_voxels(margin_mm, sitk_spacing(image)))
-    if box is not None:
-        for c, (path, out) in enumerate(zip(image_paths, crop_paths)):
-            sitk.WriteImage(crop_image(image if c == 0 else read_image(case, path), box), out, useCompression=True)
-    return box
+    return np.isin(values, region_values), sitk_spacing(image)
 
 
-def paste_case(case: str, image_path: str, mask_path: str, region_values: Sequence[int], liver_value: int,
-               box: Optional[Box], tumour_path: str, tumour_values: Dict[int, int], output_path: str) -> None:
+def crop_case(case: str, image_paths: Sequence[str], box: Box, crop_paths: Sequence[str]) -> None:
+    """Writes every channel of a case cropped to ``box`` to ``crop_paths``."""
+    for path, out in zip(image_paths, crop_paths):
+        sitk.WriteImage(crop_image(read_image(case, path), box), out, useCompression=True)
+
+
+def fine_region(case: str, shape: Sequence[int], box: Box, fine_path: str) -> np.ndarray:
+    """The foreground of a fine-stage crop prediction, pasted into the full image (bool)."""
+    return paste(sitk.GetArrayFromImage(read_image(case, fine_path)) > 0, box, shape)
+
+
+def paste_case(case: str, image_path: str, box: Optional[Box], fine_path: Optional[str], fine_values: Dict[int, int],
+               output_path: str, coarse_region: Optional[np.ndarray] = None, coarse_value: int = 0) -> None:
     """Writes the fused label map of a case (:func:`fuse_stages`) with the image's geometry."""
     image = read_image(case, image_path)
-    region = np.isin(sitk.GetArrayFromImage(read_image(case, mask_path)), region_values)
-    tumour_crop = None if box is None else sitk.GetArrayFromImage(read_image(case, tumour_path))
-    out = sitk.GetImageFromArray(fuse_stages(region, liver_value, box, tumour_crop, tumour_values))
+    fine_crop = None if box is None else sitk.GetArrayFromImage(read_image(case, fine_path))
+    out = sitk.GetImageFromArray(fuse_stages(tuple(reversed(image.GetSize())), box, fine_crop, fine_values,
+                                             coarse_region, coarse_value))
     out.CopyInformation(image)
     sitk.WriteImage(out, output_path, useCompression=True)
 
@@ -199,107 +260,190 @@ def paste_case(case: str, image_path: str, mask_path: str, region_values: Sequen
 @dataclass
 class CascadeResult:
     cases: List[str]
-    without_liver: List[str]
-    boxes: Dict[str, Box]
+    crop_label: str  # the label whose box the fine stage sees
+    without_region: List[str] = field(default_factory=list)  # no coarse region voxel: all-background output
+    boxes: Dict[str, Box] = field(default_factory=dict)  # the last box of each case with a region
+    rounds: Dict[str, int] = field(default_factory=dict)  # fine rounds run per case
+    rdsc: Dict[str, float] = field(default_factory=dict)  # Eq. 14 between its last two rounds (refined cases)
+    stopped: Dict[str, str] = field(default_factory=dict)  # why the refinement of a case stopped
 
 
-def _read_record(tumour_folder: str, option: str) -> Tuple[dict, CropLabels]:
-    tumour_json = _dataset_json(tumour_folder)
-    record = tumour_json.get(RECORD_KEY)
+def _read_record(fine_folder: str, option: str) -> Tuple[dict, CropLabels]:
+    fine_json = _dataset_json(fine_folder)
+    record = fine_json.get(RECORD_KEY)
     if record is None:
-        raise UserInputError(f"{option}: {tumour_folder}/dataset.json has no '{RECORD_KEY}' record: the tumour model "
+        raise UserInputError(f"{option}: {fine_folder}/dataset.json has no '{RECORD_KEY}' record: the fine model "
                              f"must be trained on a dataset made with nnunet-ext convert ... --crop-to-label LABEL")
     labels = CropLabels.from_record(record)
-    model_labels = {k: v for k, v in tumour_json['labels'].items()}
+    model_labels = {k: v for k, v in fine_json['labels'].items()}
     if model_labels != labels.crop_dataset_labels:
         raise UserInputError(f"{option}: the model's labels {model_labels} differ from its crop record "
                              f"{labels.crop_dataset_labels}")
-    return tumour_json, labels
+    return fine_json, labels
 
 
-def run_cascade(input_folder: str, output_folder: str, tumour: StageModel, liver: Optional[StageModel] = None,
-                liver_masks: Optional[str] = None, settings: PredictorSettings = PredictorSettings(),
-                margin_mm: Optional[float] = None, save_liver_masks: Optional[str] = None,
-                log: Callable[[str], None] = print) -> CascadeResult:
+class _FineStage:
+    """The fine rounds of every case (module docstring, step 3), state kept on disk in ``scratch``."""
+
+    def __init__(self, predictor: StagePredictor, cases: Dict[str, List[str]], file_ending: str, scratch: str,
+                 margin_mm: float, crop_label: str, log: Callable[[str], None]):
+        self.predictor, self.cases, self.file_ending, self.scratch = predictor, cases, file_ending, scratch
+        self.margin_mm, self.log = margin_mm, log
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.margins: Dict[str, Tuple[int, ...]] = {}
+        self.latest: Dict[str, str] = {}  # the last fine prediction (crop) of each case
+        self.result = CascadeResult(sorted(cases), crop_label)
+
+    def _round(self, number: int, boxes: Dict[str, Box]) -> Dict[str, str]:
+        """Crops ``boxes`` and predicts them; returns the crops' predictions (removing the crops)."""
+        folder = os.path.join(self.scratch, f'round{number}')
+        crops = {}
+        os.makedirs(os.path.join(folder, 'crops'))
+        for case, box in boxes.items():
+            crops[case] = [os.path.join(folder, 'crops', f'{case}_{c:04d}{self.file_ending}')
+                           for c in range(len(self.cases[case]))]
+            crop_case(case, self.cases[case], box, crops[case])
+        self.predictor.predict(crops, os.path.join(folder, 'fine'))
+        shutil.rmtree(os.path.join(folder, 'crops'))
+        return {case: os.path.join(folder, 'fine', case + self.file_ending) for case in crops}
+
+    def first(self, regions: Iterable[Tuple[str, Tuple[np.ndarray, Tuple[float, ...]]]]) -> None:
+        """Round 1 from the coarse regions ``(case, (region, spacing))``, read one case at a time."""
+        boxes = {}
+        for case, (region, spacing) in regions:
+            self.shapes[case], self.margins[case] = region.shape, margin_in_voxels(self.margin_mm, spacing)
+            box = bounding_box(region, self.margins[case])
+            if box is None:
+                self.result.without_region.append(case)
+            else:
+                boxes[case] = box
+        if boxes:
+            self.log(f"fine stage: {len(boxes)} crop(s)")
+            self.latest = self._round(1, boxes)
+        self.result.boxes = boxes
+        self.result.rounds = {case: 1 for case in boxes}
+
+    def refine(self, refinement: Refinement) -> None:
+        """Rounds 2 .. max_rounds (Algorithm 1) for the cases not yet stopped."""
+        if refinement.max_rounds == 1:
+            return
+        result, active = self.result, sorted(self.result.boxes)
+        for number in range(2, refinement.max_rounds + 1):
+            boxes = {}
+            for case in active:
+                box = bounding_box(fine_region(case, self.shapes[case], result.boxes[case], self.latest[case]),
+                                   self.margins[case])
+                if box is None:
+                    result.stopped[case] = 'empty fine prediction'
+                    self.log(f"warning: {case}: the fine stage found nothing in round {number - 1}; its output is "
+                             f"all background")
+                elif box == result.boxes[case]:
+                    result.stopped[case] = 'box unchanged'
+                else:
+                    boxes[case] = box
+            if not boxes:
+                return
+            self.log(f"fine stage, round {number}/{refinement.max_rounds}: {len(boxes)} case(s) re-cropped to their "
+                     f"last fine prediction")
+            predictions, active = self._round(number, boxes), []
+            for case, box in sorted(boxes.items()):
+                previous = fine_region(case, self.shapes[case], result.boxes[case], self.latest[case])
+                current = fine_region(case, self.shapes[case], box, predictions[case])
+                result.rdsc[case] = relative_dice(previous, current)
+                result.boxes[case], self.latest[case], result.rounds[case] = box, predictions[case], number
+                if result.rdsc[case] >= refinement.tolerance:
+                    result.stopped[case] = 'converged'
+                else:
+                    active.append(case)
+        for case in active:
+            result.stopped[case] = 'maximum rounds'
+
+
+def run_cascade(input_folder: str, output_folder: str, fine: StageModel, coarse: Optional[StageModel] = None,
+                coarse_masks: Optional[str] = None, settings: PredictorSettings = PredictorSettings(),
+                margin_mm: Optional[float] = None, save_coarse_masks: Optional[str] = None,
+                refinement: Refinement = Refinement(), log: Callable[[str], None] = print) -> CascadeResult:
     """Runs the cascade (module docstring) from the images in ``input_folder`` into ``output_folder``.
-    Exactly one of ``liver`` (a model) and ``liver_masks`` (a folder of stage-1 label maps named
-    ``<case><file_ending>``, numbered as the tumour dataset's source labels) is given."""
-    if (liver is None) == (liver_masks is None):
-        raise UserInputError("give either --liver DATASET CONFIG TRAINER [FOLD ...] or --liver_masks DIR")
-    if save_liver_masks is not None and liver is None:
-        raise UserInputError("--save_liver_masks saves the liver model's masks; with --liver_masks there are none")
-    tumour_folder = tumour.folder(settings.checkpoint)
-    tumour_json, labels = _read_record(tumour_folder, tumour.option)
-    record = tumour_json[RECORD_KEY]
+    Exactly one of ``coarse`` (a model) and ``coarse_masks`` (a folder of coarse label maps named
+    ``<case><file_ending>``, numbered as the fine dataset's source labels) is given."""
+    if (coarse is None) == (coarse_masks is None):
+        raise UserInputError("give either --coarse DATASET CONFIG TRAINER [FOLD ...] or --coarse_masks DIR")
+    if save_coarse_masks is not None and coarse is None:
+        raise UserInputError("--save_coarse_masks saves the coarse model's masks; with --coarse_masks there are none")
+    fine_folder = fine.folder(settings.checkpoint)
+    fine_json, labels = _read_record(fine_folder, fine.option)
+    record = fine_json[RECORD_KEY]
+    if refinement.max_rounds > 1 and not labels.keeps_crop_label:
+        raise UserInputError(f"--refine re-crops to the fine model's prediction, so the fine model must segment the "
+                             f"crop label itself; {fine_folder} segments {', '.join(labels.kept)} inside "
+                             f"{labels.crop_label} (make its dataset with --crop-to-label {labels.crop_label} "
+                             f"--crop-keep {labels.crop_label} ...)")
     if margin_mm is not None and not np.isclose(margin_mm, record['margin_mm'], rtol=0, atol=1e-6):
-        raise UserInputError(f"--margin {margin_mm:g} mm, but the tumour model was trained on crops with a "
+        raise UserInputError(f"--margin {margin_mm:g} mm, but the fine model was trained on crops with a "
                              f"{record['margin_mm']:g} mm margin (nnunet-ext convert --crop-margin); they must agree")
-    file_ending, channels = tumour_json['file_ending'], len(tumour_json['channel_names'])
-    if liver is not None:
-        liver_folder = liver.folder(settings.checkpoint)
-        liver_json = _dataset_json(liver_folder)
-        if labels.crop_label not in liver_json['labels']:
-            raise UserInputError(f"--liver: the model's labels {liver_json['labels']} have no {labels.crop_label!r}, "
-                                 f"the label the tumour model's crops were made of")
-        region_values = tuple(int(liver_json['labels'][n]) for n in labels.region_labels if n in liver_json['labels'])
-        if liver_json['file_ending'] != file_ending or len(liver_json['channel_names']) != channels:
-            raise UserInputError(f"the liver model takes {len(liver_json['channel_names'])} channel(s) of "
-                                 f"{liver_json['file_ending']} files, the tumour model {channels} of {file_ending}")
+    file_ending, channels = fine_json['file_ending'], len(fine_json['channel_names'])
+    if coarse is not None:
+        coarse_folder = coarse.folder(settings.checkpoint)
+        coarse_json = _dataset_json(coarse_folder)
+        if labels.crop_label not in coarse_json['labels']:
+            raise UserInputError(f"{coarse.option}: the model's labels {coarse_json['labels']} have no "
+                                 f"{labels.crop_label!r}, the label the fine model's crops were made of")
+        region_values = tuple(int(coarse_json['labels'][n]) for n in labels.region_labels
+                              if n in coarse_json['labels'])
+        if coarse_json['file_ending'] != file_ending or len(coarse_json['channel_names']) != channels:
+            raise UserInputError(f"the coarse model takes {len(coarse_json['channel_names'])} channel(s) of "
+                                 f"{coarse_json['file_ending']} files, the fine model {channels} of {file_ending}")
     else:
-        if not os.path.isdir(liver_masks):
-            raise UserInputError(f"--liver_masks {liver_masks!r} is not a folder")
+        if not os.path.isdir(coarse_masks):
+            raise UserInputError(f"--coarse_masks {coarse_masks!r} is not a folder")
         region_values = labels.region_values
     cases = list_cases(input_folder, file_ending, channels)
-    if liver_masks is not None:
-        missing = [c for c in cases if not os.path.isfile(os.path.join(liver_masks, c + file_ending))]
+    if coarse_masks is not None:
+        missing = [c for c in cases if not os.path.isfile(os.path.join(coarse_masks, c + file_ending))]
         if missing:
-            raise UserInputError(f"--liver_masks: no {missing[0]}{file_ending} in {liver_masks} "
+            raise UserInputError(f"--coarse_masks: no {missing[0]}{file_ending} in {coarse_masks} "
                                  f"({len(missing)} case(s) missing)")
-    liver_value = labels.source[labels.crop_label]
-    tumour_values = {v: k for k, v in labels.value_map.items()}  # crop value -> source value
+    allowed = sorted(labels.source.values()) if coarse_masks is not None else None
+    crop_value = labels.source[labels.crop_label]
+    fine_values = {v: k for k, v in labels.value_map.items()}  # crop value -> source value
 
     created = not os.path.isdir(output_folder)
     os.makedirs(output_folder, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix='.cascade-predict-', dir=output_folder)
     succeeded = False
     try:
-        stage1 = liver_masks
-        if liver is not None:
-            stage1 = os.path.join(scratch, 'liver')
-            log(f"stage 1: liver model {liver_folder} on {len(cases)} case(s)")
-            _predict(liver_folder, liver.folds, cases, stage1, settings)
-        crops, boxes, without_liver = {}, {}, []
-        os.makedirs(os.path.join(scratch, 'crops'))
-        for case in tqdm(sorted(cases), desc='cropping to the liver', unit='case', disable=not settings.progress):
-            crop_paths = [os.path.join(scratch, 'crops', f'{case}_{c:04d}{file_ending}') for c in range(channels)]
-            allowed = sorted(labels.source.values()) if liver_masks is not None else None
-            box = crop_case_to_liver(case, cases[case], os.path.join(stage1, case + file_ending), region_values,
-                                     record['margin_mm'], crop_paths, allowed)
-            if box is None:
-                without_liver.append(case)
-                log(f"warning: {case}: no liver found by stage 1; its output is all background")
-            else:
-                boxes[case], crops[case] = box, crop_paths
-        stage2 = os.path.join(scratch, 'tumour')
-        if crops:
-            log(f"stage 2: tumour model {tumour_folder} on {len(crops)} liver crop(s)")
-            _predict(tumour_folder, tumour.folds, crops, stage2, settings)
+        stage1 = coarse_masks
+        if coarse is not None:
+            stage1 = os.path.join(scratch, 'coarse')
+            log(f"coarse stage: model {coarse_folder} on {len(cases)} case(s)")
+            StagePredictor(coarse_folder, coarse.folds, settings).predict(cases, stage1)
+        mask_path = {case: os.path.join(stage1, case + file_ending) for case in cases}
+        fine_stage = _FineStage(StagePredictor(fine_folder, fine.folds, settings), cases, file_ending, scratch,
+                                record['margin_mm'], labels.crop_label, log)
+        fine_stage.first((case, read_coarse_region(case, cases[case][0], mask_path[case], region_values, allowed))
+                         for case in tqdm(sorted(cases), desc=f'cropping to the coarse {labels.crop_label}',
+                                          unit='case', disable=not settings.progress))
+        for case in fine_stage.result.without_region:
+            log(f"warning: {case}: no {labels.crop_label} found by the coarse stage; its output is all background")
+        fine_stage.refine(refinement)
+        result = fine_stage.result
         final = os.path.join(scratch, 'final')
         os.makedirs(final)
         for case in tqdm(sorted(cases), desc='pasting', unit='case', disable=not settings.progress):
-            paste_case(case, cases[case][0], os.path.join(stage1, case + file_ending), region_values, liver_value,
-                       boxes.get(case), os.path.join(stage2, case + file_ending), tumour_values,
-                       os.path.join(final, case + file_ending))
+            coarse_region = None
+            if not labels.keeps_crop_label:
+                coarse_region = read_coarse_region(case, cases[case][0], mask_path[case], region_values)[0]
+            paste_case(case, cases[case][0], result.boxes.get(case), fine_stage.latest.get(case), fine_values,
+                       os.path.join(final, case + file_ending), coarse_region, crop_value)
         for case in cases:
             os.replace(os.path.join(final, case + file_ending), os.path.join(output_folder, case + file_ending))
         succeeded = True
-        if save_liver_masks is not None:
-            os.makedirs(save_liver_masks, exist_ok=True)
+        if save_coarse_masks is not None:
+            os.makedirs(save_coarse_masks, exist_ok=True)
             for case in cases:
-                shutil.copyfile(os.path.join(stage1, case + file_ending),
-                                os.path.join(save_liver_masks, case + file_ending))
+                shutil.copyfile(mask_path[case], os.path.join(save_coarse_masks, case + file_ending))
     finally:
         shutil.rmtree(scratch)
         if created and not succeeded and not os.listdir(output_folder):
             os.rmdir(output_folder)
-    return CascadeResult(sorted(cases), without_liver, boxes)
+    return result

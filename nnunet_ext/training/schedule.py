@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from nnunet_ext.conversion.slice_stack import check_training_configuration
 from nnunet_ext.training.memory_check import DEFAULT_THRESHOLD, check_memory_target
 
 TRAINING_LENGTH_VARIABLES = {
@@ -48,7 +49,9 @@ class TrainingLengthFromEnvMixin:
     checks the built network against the memory its plans were sized for
     (:func:`nnunet_ext.training.memory_check.check_memory_target`: a warning in the training log and
     on stderr, naming the planner to run, when it needs more than ``memory_check_threshold`` times
-    that; ``None`` turns the check off). Every trainer of this package includes this mixin."""
+    that; ``None`` turns the check off). It also refuses a 2.5D-stacked dataset on a configuration that
+    does not slice along its stacking axis (``slice_stack.check_training_configuration``). Every trainer
+    of this package includes this mixin."""
 
     memory_check_threshold = DEFAULT_THRESHOLD
 
@@ -56,6 +59,8 @@ class TrainingLengthFromEnvMixin:
                  device: torch.device = torch.device('cuda')):
         # exact signature of nnUNetTrainer.__init__: it records its arguments by inspecting it
         super().__init__(plans, configuration, fold, dataset_json, device)
+        check_training_configuration(dataset_json, self.plans_manager.transpose_forward,
+                                     len(self.configuration_manager.patch_size), configuration)
         overrides = training_length_overrides()
         for attribute, value in overrides.items():
             setattr(self, attribute, value)
