@@ -44,7 +44,8 @@ def test_there_are_docs_pages():
     for page in ('docs/README.md', 'docs/architecture.md', 'docs/methods/godc-lfam.md', 'docs/methods/ife.md',
                  'docs/methods/multi-level-structural.md', 'docs/methods/anunet.md', 'docs/methods/resunet.md',
                  'docs/commands/convert.md', 'docs/commands/evaluate-compare.md', 'docs/commands/cascade.md',
-                 'docs/commands/multi-view.md', 'docs/commands/prune.md', 'docs/commands/planners.md'):
+                 'docs/commands/multi-view.md', 'docs/commands/prune.md', 'docs/commands/planners.md',
+                 'docs/commands/stack-slices.md'):
         assert page in names, page
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.errors import UserInputError
+
+if TYPE_CHECKING:
+    from nnunet_ext.conversion.slice_stack import SliceStack
 
 
 def _raw_root() -> str:
@@ -268,7 +272,7 @@ def _cmd_stack_slices(args) -> None:
 
 def _cmd_preprocess_images(args) -> None:
     from nnunet_ext.conversion.slice_stack import RECORD_KEY as SLICES_KEY, SliceStack
-    stack = None
+    stack, channels = None, None
     if args.dataset_id is not None:
         if args.window or args.hist_eq:
             raise UserInputError("give either -d DATASET or --window/--hist-eq, not both")
@@ -293,23 +297,24 @@ def _cmd_preprocess_images(args) -> None:
         raise UserInputError(f"no *{args.file_ending} files in {args.input}")
     what = ', '.join(([intensity.describe()] if intensity.active else []) +
                      ([f'{stack.slices} slices per channel along axis {stack.axis}'] if stack else []))
+    created = not os.path.isdir(args.output)
     os.makedirs(args.output, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix='.preprocess-images-', dir=args.output)
     try:
-        written = _preprocess_files(args.input, files, scratch, intensity, stack,
-                                    channels if stack else None, args.file_ending, what)
+        written = _preprocess_files(args.input, files, scratch, intensity, stack, channels, args.file_ending, what)
         for name in written:
             os.replace(os.path.join(scratch, name), os.path.join(args.output, name))
     finally:
         shutil.rmtree(scratch)
+        if created and not os.listdir(args.output):  # an error before anything was moved into place
+            os.rmdir(args.output)
     print(f"wrote {len(written)} images to {args.output} ({what})")
 
 
-def _preprocess_files(folder: str, files: List[str], output: str, intensity: CTIntensity, stack, channels,
-                      file_ending: str, what: str) -> List[str]:
+def _preprocess_files(folder: str, files: List[str], output: str, intensity: CTIntensity,
+                      stack: Optional['SliceStack'], channels: Optional[int], file_ending: str, what: str) -> List[str]:
     """Writes every file of ``files`` (intensity options applied; with ``stack``, as its stacked channels:
     ``CASE_XXXX`` channel ``c`` -> ``CASE_{c * k + j}``) into ``output``; returns the names written."""
-    import re
     import SimpleITK as sitk
     from tqdm import tqdm
     from nnunet_ext.conversion.slice_stack import stack_image

@@ -17,7 +17,7 @@ Our choices (documented for users in the README):
   the crop label; ``--crop-keep`` to choose), renumbered 1, 2, ... in their original order, keeping
   their names: LiTS ``{background 0, liver 1, tumor 2}`` -> ``{background 0, tumor 1}``. The crop label
   becomes background unless it is kept itself: that is the *coarse-to-fine* fine stage of the
-  multi-level paper (``docs/methods/multi-level.md``, Section 2.2: the fine model segments the same organ
+  multi-level paper (``docs/methods/multi-level-structural.md``, Section 2.2: the fine model segments the same organ
   inside the coarse model's box), which is also the default when the dataset has no other foreground
   label (NIH pancreas ``--crop-to-label pancreas`` keeps ``pancreas 1``). Labels neither kept nor
   cropped become background. Datasets with regions or an ignore label are refused (none of our

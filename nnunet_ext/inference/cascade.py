@@ -5,7 +5,7 @@ structure, a *fine* model segments inside its bounding box. It serves two papers
   and 8: a first network segments the liver, a second one the tumours "based on the region of interest
   detected by the previous network"): the fine dataset was made with ``--crop-to-label liver``, the crop
   label is background for the fine model, and its labels (tumour) are painted over the coarse label;
-* the multi-level paper's **coarse-to-fine** framework for one structure (``docs/methods/multi-level.md``,
+* the multi-level paper's **coarse-to-fine** framework for one structure (``docs/methods/multi-level-structural.md``,
   Section 2.2 and Algorithm 1): the fine dataset keeps the crop label (``--crop-to-label pancreas``), so
   the fine output *replaces* the coarse one inside the box; with ``--refine T`` the box is re-estimated
   from the fine prediction and the fine model run again until the relative Dice of two successive
