@@ -1,7 +1,9 @@
 """ANU-Net through the command line, as README tells users to run it, on tiny 2D and 3D phantoms:
 ``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net; UNet++ in 2d) -> stock
 prediction of the full model, of a pruned level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL, and of the
-model folder ``nnunet-ext prune`` exported for that level (which must predict exactly the same)."""
+model folder ``nnunet-ext prune`` exported for that level (which must predict exactly the same). In 2d
+also the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512, whatever the plans say),
+trained and predicted (the predictor rebuilds it and loads it strictly)."""
 from __future__ import annotations
 
 import glob
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import SHORT_TRAINING, planned_phantom, run, run_parallel, user_environment
+from cli_helpers import (SHORT_TRAINING, assert_label_maps_on_input_grids, planned_phantom, run, run_parallel,
+                         user_environment)
 
 pytestmark = pytest.mark.cli
 
 PLANS = 'nnUNetPlansANUNet'
+PAPER = 'nnUNetTrainerANUNetPaper'
 CASES = {  # configuration -> (dataset id, phantom shape, other trainers)
     '2d': (211, (48, 48), ('nnUNetTrainerUNetPlusPlus',)),
     '3d_fullres': (212, (12, 32, 32), ()),  # the nested network's losses: test_anunet_godc_gpu_readiness.py
@@ -37,6 +41,7 @@ def pipelines(tmp_path_factory):
                                   planner='ANUNetPlanner') for c, (i, shape, _) in CASES.items()}
         datasets = {c: f.result() for c, f in futures.items()}
     jobs = [(c, t) for c, (_, _, other) in CASES.items() for t in ('nnUNetTrainerANUNet', *other)]
+    jobs.append(('2d', PAPER))  # fills the second round's free slot
     run_parallel([['nnUNetv2_train', str(CASES[c][0]), c, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
                   for c, t in jobs], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
 
@@ -65,6 +70,12 @@ def pipelines(tmp_path_factory):
                      [*predict, '-o', r['out']['env_pruned'], '-p', PLANS],
                      [*predict, '-o', r['out']['exported'], '-p', f"{PLANS}L{r['level']}"]]
         envs += [env, {**env, 'NNUNET_EXT_ANUNET_PRUNE_LEVEL': str(r['level'])}, env]
+    paper = runs['2d']
+    paper['paper_out'] = os.path.join(root, '2d', 'paper')
+    commands.append(['nnUNetv2_predict', '-i', os.path.join(env['nnUNet_raw'], paper['dataset'], 'imagesTs'),
+                     '-o', paper['paper_out'], '-d', str(paper['dataset_id']), '-c', '2d', '-tr', PAPER, '-p', PLANS,
+                     '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'])
+    envs.append(env)
     run_parallel(commands, env, envs=envs)
     return runs
 
@@ -137,3 +148,14 @@ def test_bad_levels_are_refused_and_nothing_is_written(pipeline):
     result = run(['nnunet-ext', 'prune', pipeline['model'], '--level', '1', '-o', pipeline['export']],
                  pipeline['env'], check=False)
     assert result.returncode == 2 and 'exists' in result.stderr
+
+
+def test_the_papers_network_is_trained_and_predicts(pipelines):
+    run = pipelines['2d']
+    folder = os.path.join(run['env']['nnUNet_results'], run['dataset'], f'{PAPER}__{PLANS}__2d')
+    weights = _load(os.path.join(folder, 'fold_0', 'checkpoint_final.pth'))['network_weights']
+    assert {k.split('.')[2] for k in weights if k.startswith('decoder.heads.')} == {'0', '1', '2', '3'}  # X_{0,1..4}
+    assert weights['encoder.stages.4.1.convs.0.conv.weight'].shape[0] == 512  # 32..512, whatever the plans say
+    assert any(k.endswith('running_mean') for k in weights)  # BatchNorm
+    assert_label_maps_on_input_grids(os.path.join(run['env']['nnUNet_raw'], run['dataset'], 'imagesTs'),
+                                     {PAPER: run['paper_out']})
