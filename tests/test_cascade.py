@@ -145,7 +145,7 @@ class _FakePredictor:
     calls: list = []
 
     def __init__(self, folder, folds, settings):
-        pass
+        self.folder = folder
 
     def predict(self, cases, output_folder):
         os.makedirs(output_folder, exist_ok=True)

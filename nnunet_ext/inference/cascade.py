@@ -318,7 +318,7 @@ class _FineStage:
             else:
                 boxes[case] = box
         if boxes:
-            self.log(f"fine stage: {len(boxes)} crop(s)")
+            self.log(f"fine stage: model {self.predictor.folder} on {len(boxes)} crop(s)")
             self.latest = self._round(1, boxes)
         self.result.boxes = boxes
         self.result.rounds = {case: 1 for case in boxes}
@@ -421,7 +421,7 @@ def run_cascade(input_folder: str, output_folder: str, fine: StageModel, coarse:
         fine_stage = _FineStage(StagePredictor(fine_folder, fine.folds, settings), cases, file_ending, scratch,
                                 record['margin_mm'], labels.crop_label, log)
         fine_stage.first((case, read_coarse_region(case, cases[case][0], mask_path[case], region_values, allowed))
-                         for case in tqdm(sorted(cases), desc=f'cropping to the coarse {labels.crop_label}',
+                         for case in tqdm(sorted(cases), desc=f'reading the coarse {labels.crop_label}',
                                           unit='case', disable=not settings.progress))
         for case in fine_stage.result.without_region:
             log(f"warning: {case}: no {labels.crop_label} found by the coarse stage; its output is all background")
