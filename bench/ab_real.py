@@ -389,7 +389,6 @@ def runs_table(summary: Mapping[str, dict], curves: Mapping[str, Mapping[int, di
 
 
 def render_report(content: dict) -> str:
-    classes = content['classes']
     s = content['settings']
     split = content['split']
     budget = s['epochs'] * s['iterations']

@@ -12,9 +12,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_ext.architectures.resunet import (LFAMPreActResUNet, NearestUpsampling, PreActResidualUnit,
-                                              PreActResUNet)
-from nnunet_ext.nn.deformable_conv import DeformableConv
+from nnunet_ext.architectures.resunet import LFAMPreActResUNet, PreActResidualUnit, PreActResUNet
 from nnunet_ext.training.resunet_mixins import ResUNetArchitectureMixin, ResUNetLFAMArchitectureMixin
 from trainer_helpers import kept_for_backward
 
