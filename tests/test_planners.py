@@ -262,6 +262,12 @@ def test_the_warning_names_a_planner_by_network_class_or_a_lower_target(planned,
              MEMORY_TARGET_KEY: memory_record(LFAMPlanner(DATASET_ID), dotted_name(LFAMPlainConvUNet))}
     ratio, text = message(LFAMPlainConvUNet)
     assert ratio > 1.5 and "these plans are LFAMPlanner's already" in text and '-pl' not in text
+    with torch.device('meta'):  # a recipe's own batch (e.g. IFE's 32): the plans' batch is not the knob
+        network = get_network_from_plans(dotted_name(LFAMPlainConvUNet), arch['arch_kwargs'],
+                                         arch['_kw_requires_import'], 1, 3, allow_init=False)
+    ratio, text = memory_message(network, plans, '3d_fullres', plan['patch_size'], 32, recipe_batch_size=32)
+    assert "sets batch 32 itself (a paper's recipe), so the plans' batch_size does not change it" in text
+    assert 'lower the configuration' not in text and '-pl' not in text
 
 
 def test_memory_check_can_be_turned_off(planned, nnunet_plans, monkeypatch, capsys):

@@ -152,9 +152,12 @@ def _dataset_id(plans: dict) -> str:
 
 
 def memory_message(network, plans: dict, configuration: str, patch_size, batch_size: int,
-                   threshold: float = DEFAULT_THRESHOLD) -> Tuple[float, Optional[str]]:
+                   threshold: float = DEFAULT_THRESHOLD, recipe_batch_size: Optional[int] = None
+                   ) -> Tuple[float, Optional[str]]:
     """``(ratio, warning or None)`` for ``network`` (built, unwrapped) trained on ``configuration`` of
-    ``plans`` with ``patch_size`` x ``batch_size`` (per GPU)."""
+    ``plans`` with ``patch_size`` x ``batch_size`` (per GPU). ``recipe_batch_size``: the (global) batch the
+    trainer sets itself instead of the plans' (a paper recipe's); then the advice does not point at the
+    plans' batch."""
     patch_size = [int(i) for i in patch_size]
     ndim = len(patch_size)
     estimate = network.compute_conv_feature_map_size(patch_size)
@@ -167,7 +170,11 @@ def memory_message(network, plans: dict, configuration: str, patch_size, batch_s
     planner = planner_for_network(network)
     dataset = _dataset_id(plans)
     target = '' if reference.target_gb == 8 else f' -gpu_memory_target {reference.target_gb:g}'
-    if planner is not None and plans.get('experiment_planner_used') == planner.__name__:
+    if recipe_batch_size is not None:
+        advice = (f"this trainer sets batch {recipe_batch_size} itself (a paper's recipe), "
+                  f"so the plans' batch_size does not change it: train on smaller patches (plans with a lower "
+                  f"-gpu_memory_target) or on a GPU with about {ratio:.1f}x the memory")
+    elif planner is not None and plans.get('experiment_planner_used') == planner.__name__:
         advice = (f"these plans are {planner.__name__}'s already (sized for {reference.target_gb:g} GB; the batch "
                   f"size may have been raised by hand): lower the configuration's batch_size in the plans, or plan "
                   f"for the memory of your GPU with -gpu_memory_target")
@@ -196,8 +203,11 @@ def check_memory_target(trainer, threshold: float = DEFAULT_THRESHOLD) -> Tuple[
         trainer.print_to_log_file(f"nnunet-ext memory check: {type(network).__name__} has no "
                                   f"compute_conv_feature_map_size; not checked against the plans' memory target")
         return None, None
+    own_batch = trainer.configuration_manager.batch_size  # a recipe's copy of the configuration, or the plans'
+    plans_batch = trainer.plans_manager.get_configuration(trainer.configuration_name).batch_size
     ratio, message = memory_message(network, trainer.plans_manager.plans, trainer.configuration_name,
-                                    trainer.configuration_manager.patch_size, trainer.batch_size, threshold)
+                                    trainer.configuration_manager.patch_size, trainer.batch_size, threshold,
+                                    own_batch if own_batch != plans_batch else None)
     if message is None:
         trainer.print_to_log_file(f"nnunet-ext memory check: {type(network).__name__} needs about {ratio:.3g}x "
                                   f"the memory these plans were sized for", also_print_to_console=False)
