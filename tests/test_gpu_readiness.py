@@ -31,6 +31,12 @@ GLOBAL_LOSS_TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTra
                         'nnUNetTrainerResUNet', 'nnUNetTrainerResUNetGODCLFAM')
 # the multi-level trainers draw random points (Eq. 10's PointRend sampling): different draws per process
 
+# under DDP: every network class once (a trainer whose network is inside another listed one's is left out:
+# MLL's is GODC's, UNet++'s is ANU-Net's without gates, IFE curvature's is IFE entropy's module with another
+# score, the plain residual U-Net is inside ResUNetGODCLFAM's), each in the 2d configuration
+DDP_TRAINERS = tuple(n for n in h.TRAINERS if n not in ('nnUNetTrainerMLL', 'nnUNetTrainerUNetPlusPlus',
+                                                         'nnUNetTrainerIFECurvature', 'nnUNetTrainerResUNet'))
+
 
 @pytest.fixture(autouse=True)
 def quiet_and_fresh():
@@ -44,12 +50,12 @@ def quiet_and_fresh():
 
 def test_ddp_two_processes_every_parameter_gets_a_gradient(nnunet_folders, tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(2, str(tmp_path / 'init'), '2d', h.TRAINERS, nnunet_folders, results), nprocs=2,
+    mp.spawn(worker, args=(2, str(tmp_path / 'init'), '2d', DDP_TRAINERS, nnunet_folders, results), nprocs=2,
              join=True)
-    failures = {name: results[(rank, name)]['error'] for rank in (0, 1) for name in h.TRAINERS
+    failures = {name: results[(rank, name)]['error'] for rank in (0, 1) for name in DDP_TRAINERS
                 if 'error' in results[(rank, name)]}
     assert not failures, '\n\n'.join(f'{name}:\n{tb}' for name, tb in failures.items())
-    for name in h.TRAINERS:
+    for name in DDP_TRAINERS:
         for rank in (0, 1):
             out = results[(rank, name)]
             assert out['missing'] == [[]] * STEPS, f'{name}: parameters without gradient: {out["missing"]}'

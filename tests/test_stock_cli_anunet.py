@@ -1,5 +1,5 @@
 """ANU-Net through the command line, as README tells users to run it, on tiny 2D and 3D phantoms:
-``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net; UNet++ in 2d) -> stock
+``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net) -> stock
 prediction of the full model, of a pruned level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL, and of the
 model folder ``nnunet-ext prune`` exported for that level (which must predict exactly the same). In 2d
 also the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512, whatever the plans say),
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.cli
 PLANS = 'nnUNetPlansANUNet'
 PAPER = 'nnUNetTrainerANUNetPaper'
 CASES = {  # configuration -> (dataset id, phantom shape, other trainers)
-    '2d': (211, (48, 48), ('nnUNetTrainerUNetPlusPlus',)),
+    '2d': (211, (48, 48), ()),  # UNet++ (ANU-Net without gates): unit tests and test_gpu_readiness.py
     '3d_fullres': (212, (12, 32, 32), ()),  # the nested network's losses: test_anunet_godc_gpu_readiness.py
 }
 
@@ -41,7 +41,7 @@ def pipelines(tmp_path_factory):
                                   planner='ANUNetPlanner') for c, (i, shape, _) in CASES.items()}
         datasets = {c: f.result() for c, f in futures.items()}
     jobs = [(c, t) for c, (_, _, other) in CASES.items() for t in ('nnUNetTrainerANUNet', *other)]
-    jobs.append(('2d', PAPER))  # fills the second round's free slot
+    jobs.append(('2d', PAPER))  # the paper's own network on the same 2d phantom
     run_parallel([['nnUNetv2_train', str(CASES[c][0]), c, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
                   for c, t in jobs], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
 

@@ -54,7 +54,7 @@ def stacked(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('slices'))
     env = user_environment(root)
     source = _source_dataset(env['nnUNet_raw'])
-    log = run(['nnunet-ext', 'stack-slices', str(SOURCE_ID), '--id', str(STACKED_ID)], env)
+    log = run(['nnunet-ext', 'stack-slices', str(SOURCE_ID), '--id', str(STACKED_ID), '-np', '1'], env)
     dataset = 'Dataset322_SlicePhantom_3slices'
     run(['nnUNetv2_plan_and_preprocess', '-d', str(STACKED_ID), '-c', '2d', '--verify_dataset_integrity',
          '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})
