@@ -47,9 +47,17 @@ TWO_D_ONLY = ('nnUNetTrainerANUNetPaper', 'nnUNetTrainerResUNetPaper')  # the pa
 SAME_NETWORK_AS_GODC = ('nnUNetTrainerGODCOnly', 'nnUNetTrainerMLL')
 
 
+# trainers whose 3D network is, up to a switch checked in 2D, another listed trainer's 3D network: UNet++ is
+# ANU-Net without gates, LFAMShared is GODCLFAM's deformable convolution with one kernel bank, the plain
+# residual U-Net is inside ResUNetGODCLFAM's; 2D only in the per-trainer readiness checks
+SAME_3D_NETWORK = ('nnUNetTrainerUNetPlusPlus', 'nnUNetTrainerLFAMShared', 'nnUNetTrainerResUNet')
+
+
 def cases(configurations, trainers=TRAINERS):
-    """``(trainer, configuration)`` pairs for ``pytest.mark.parametrize``; 2D-only trainers in ``2d`` only."""
-    return [(n, c) for n in trainers for c in configurations if c == '2d' or n not in TWO_D_ONLY]
+    """``(trainer, configuration)`` pairs for ``pytest.mark.parametrize``; 2D-only trainers and those of
+    ``SAME_3D_NETWORK`` in ``2d`` only."""
+    return [(n, c) for n in trainers for c in configurations
+            if c == '2d' or (n not in TWO_D_ONLY and n not in SAME_3D_NETWORK)]
 
 DATASET_JSON = {'channel_names': {'0': 'CT'}, 'labels': {'background': 0, 'liver': 1, 'tumour': 2},
                 'numTraining': 4, 'file_ending': '.nii.gz'}
