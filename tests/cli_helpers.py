@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -35,8 +36,12 @@ def user_environment(root: str) -> Dict[str, str]:
 def run(cmd: Sequence[str], env: Dict[str, str], check: bool = True, timeout: float = 900,
         cwd: str | None = None) -> subprocess.CompletedProcess:
     cmd = [os.path.join(BIN, cmd[0]) if os.path.exists(os.path.join(BIN, cmd[0])) else cmd[0], *cmd[1:]]
+    start = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding='utf-8', errors='replace',
                             timeout=timeout, cwd=cwd)
+    if os.environ.get('NNUNET_EXT_TEST_TIMINGS'):  # a file: one line per command, to find where the suite's time goes
+        with open(os.environ['NNUNET_EXT_TEST_TIMINGS'], 'a', encoding='utf-8') as f:
+            f.write(f"{time.perf_counter() - start:7.1f} s  {' '.join(os.path.basename(c) for c in cmd)[:160]}\n")
     if check:
         check_success(cmd, result)
     return result

@@ -253,7 +253,7 @@ def test_refinement_needs_a_fine_model_that_keeps_the_crop_label(tmp_path, refin
 def test_inputs_and_model_options_are_checked(tmp_path):
     for name in ('a_0000.nii.gz', 'a_0001.nii.gz', 'b_0000.nii.gz', 'notes.txt'):
         (tmp_path / name).write_bytes(b'')
-    with pytest.raises(UserInputError, match=r'b: channels \[0\] .* take 2'):
+    with pytest.raises(UserInputError, match=r'b: channels \[0\] .* the models expect\(s\) 2'):
         list_cases(str(tmp_path), '.nii.gz', 2)
     (tmp_path / 'b_0001.nii.gz').write_bytes(b'')
     assert list_cases(str(tmp_path), '.nii.gz', 2) == {

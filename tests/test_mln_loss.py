@@ -25,15 +25,23 @@ def sigmoid(x: float) -> float:
 
 
 # --- schedule ---------------------------------------------------------------------------------------------------
-def test_schedule_is_section_4_1_1():
+def test_schedule_is_section_4_1_1_with_the_mll_alpha_ramp():
     schedule = MLNSchedule()
-    assert schedule(0) == MLNTermWeights(1.0, 1.0, 0.0, 0.0) == schedule(11)  # alpha = 1 from the start
+    # alpha: 0, 0.2, ..., 1 from epoch 5 (the paper's MLL ramp, our default for the MLN: shared decoder features)
+    assert [round(schedule(e).boundary, 6) for e in range(7)] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert schedule(11) == MLNTermWeights(1.0, 1.0, 0.0, 0.0)  # beta = gamma = 0 for the first 12 epochs
     assert schedule(12) == MLNTermWeights(1.0, 1.0, 1.0, 1.0) == schedule(10 ** 6)
+    literal = MLNSchedule(alpha_increment=None)  # the paper's MLN: alpha = 1 from the start
+    assert literal(0) == MLNTermWeights(1.0, 1.0, 0.0, 0.0) == literal(11)
     stretched = MLNSchedule(epochs_per_step=25)
+    assert stretched(24).boundary == 0.0 and stretched(25).boundary == pytest.approx(0.2)
     assert stretched(12 * 25 - 1).point == 0 and stretched(12 * 25) == MLNTermWeights(1.0, 1.0, 1.0, 1.0)
     assert MLNSchedule(alpha=0.5, beta=2.0, gamma=3.0)(12) == MLNTermWeights(1.0, 0.5, 2.0, 3.0)
+    assert MLNSchedule(alpha=0.5, beta=2.0, gamma=3.0)(1).boundary == pytest.approx(0.2)
     with pytest.raises(ValueError, match='epochs_per_step'):
         MLNSchedule(epochs_per_step=0)
+    with pytest.raises(ValueError, match='alpha_increment'):
+        MLNSchedule(alpha_increment=0.0)
     with pytest.raises(ValueError, match='epoch'):
         schedule(-1)
 
@@ -180,13 +188,17 @@ def test_terms_of_weight_zero_carry_no_gradient_unless_ddp_needs_one(planned):
     trainer = make_trainer(nnUNetTrainerMLN, planned, 'labels')
     output, _, packed = mln_batch(trainer)
     loss = trainer._build_loss()
-    assert loss.weights == trainer.mll_schedule(0) == MLNTermWeights(1.0, 1.0, 0.0, 0.0)
+    loss.weights = trainer.mll_schedule(0)  # as the trainer sets them at the start of epoch 0
+    assert loss.weights == MLNTermWeights(1.0, 0.0, 0.0, 0.0)  # region only
+    heads = [output.distance, output.point_logits, output.fused]
     value = loss(output, packed)
-    assert torch.autograd.grad(value, [output.point_logits, output.fused], allow_unused=True) == (None, None)
+    assert torch.autograd.grad(value, heads, allow_unused=True) == (None, None, None)
     assert all(math.isfinite(v) for v in loss.pop_term_means().values())  # still evaluated, for the log
     loss.keep_zero_weight_terms = True  # what the trainer sets under DDP
-    grads = torch.autograd.grad(loss(output, packed), [output.point_logits, output.fused])
+    grads = torch.autograd.grad(loss(output, packed), heads)
     assert all(g is not None and g.abs().sum() == 0 for g in grads)
+    loss.weights = trainer.mll_schedule(1)  # alpha 0.2: the boundary head learns
+    assert torch.autograd.grad(loss(output, packed), output.distance)[0].abs().sum() > 0
 
 
 def test_loss_refuses_outputs_and_targets_it_cannot_use(planned):

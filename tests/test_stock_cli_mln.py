@@ -48,7 +48,7 @@ def test_training_logs_the_schedule_and_every_term_and_validates(mln_runs, confi
     log = run['log']
     weights = re.findall(r'multi-level loss weights: region (\S+), boundary \(alpha\) (\S+), point \(beta\) (\S+)',
                          log)
-    assert weights == [('1', '1', '0')]  # epoch 0 of the MLN schedule
+    assert weights == [('1', '0', '0')]  # epoch 0 of the MLN schedule: alpha ramps from 0
     gamma = re.findall(r'MLN fusion weight \(gamma\) ([^;\s]+); the network predicts with the region branch', log)
     assert gamma == ['0']  # one epoch: the fusion is not trained, the prediction is the region branch's
     for phase in ('train', 'val'):

@@ -34,6 +34,23 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f'Dataset{dataset_id:03d}_{name}'
 
 
+def case_channel_files(folder: str, file_ending: str, channels: int, expected_by: str) -> Dict[str, List[str]]:
+    """``{case: [channel files]}`` of an images folder in nnU-Net naming (``CASE_XXXX<file_ending>``), cases
+    sorted; every case must have exactly the channels ``0 .. channels - 1`` (``expected_by`` says who
+    expects them, for the error). ``{}`` for a folder without such files."""
+    pattern = re.compile(r'^(.+)_(\d{4})' + re.escape(file_ending) + '$')
+    found: Dict[str, Dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        match = pattern.match(name)
+        if match:
+            found.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(folder, name)
+    for case, files in found.items():
+        if sorted(files) != list(range(channels)):
+            raise UserInputError(f"{case}: channels {sorted(files)} in {folder}; {expected_by} expect(s) {channels} "
+                                 f"(_0000 .. _{channels - 1:04d})")
+    return {case: [files[c] for c in range(channels)] for case, files in found.items()}
+
+
 def existing_datasets(raw_root: str, dataset_id: int) -> List[str]:
     """The folders ``raw_root/DatasetNNN_*`` of this id, sorted."""
     return sorted(glob.glob(os.path.join(raw_root, f'Dataset{dataset_id:03d}_*')))

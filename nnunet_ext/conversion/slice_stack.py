@@ -43,7 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ext.conversion.geometry import check_same_grid
-from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter, case_channel_files
 from nnunet_ext.conversion.readers import label_counts, read_image
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.parallel import run_cases
@@ -116,20 +116,6 @@ def _header_spacing_zyx(path: str) -> Tuple[float, ...]:
     return tuple(reversed(reader.GetSpacing()))
 
 
-def _case_files(folder: str, file_ending: str, channels: int) -> Dict[str, List[str]]:
-    """``{case: [image per channel]}`` of an images folder in nnU-Net naming; every case complete."""
-    if not os.path.isdir(folder):
-        return {}
-    suffix = f'_0000{file_ending}'
-    cases = sorted(f[:-len(suffix)] for f in os.listdir(folder) if f.endswith(suffix))
-    files = {case: [os.path.join(folder, f'{case}_{c:04d}{file_ending}') for c in range(channels)] for case in cases}
-    for case, paths in files.items():
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise UserInputError(f"{case}: no {missing[0]} (the dataset has {channels} channel(s))")
-    return files
-
-
 def stack_case(case: str, image_paths: Sequence[str], outputs: Sequence[Sequence[str]], stack: SliceStack,
                label_path: Optional[str] = None, label_out: Optional[str] = None
                ) -> Tuple[Tuple[float, ...], Optional[Dict[int, int]]]:
@@ -159,8 +145,9 @@ def stack_dataset(source_folder: str, raw_root: str, dataset_id: int, name: str,
         raise UserInputError(f"{source_folder} is already stacked ({source_json[RECORD_KEY]['slices']} slices)")
     file_ending, channel_names = source_json['file_ending'], source_json['channel_names']
     channels = len(channel_names)
-    splits = {split: _case_files(os.path.join(source_folder, f'images{split}'), file_ending, channels)
-              for split in ('Tr', 'Ts')}
+    folders = {split: os.path.join(source_folder, f'images{split}') for split in ('Tr', 'Ts')}
+    splits = {split: case_channel_files(folder, file_ending, channels, "dataset.json's channel_names")
+              if os.path.isdir(folder) else {} for split, folder in folders.items()}
     if not splits['Tr']:
         raise UserInputError(f"{source_folder}/imagesTr has no *_0000{file_ending} image")
     if axis is None:

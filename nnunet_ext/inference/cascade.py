@@ -53,6 +53,7 @@ from tqdm import tqdm
 from nnunet_ext.conversion.crop_to_label import (RECORD_KEY, Box, CropLabels, bounding_box, crop_image,
                                                  margin_in_voxels, paste, sitk_spacing)
 from nnunet_ext.conversion.geometry import check_same_grid
+from nnunet_ext.conversion.raw_dataset import case_channel_files
 from nnunet_ext.conversion.readers import checked_label_counts, read_image
 from nnunet_ext.errors import UserInputError
 
@@ -152,20 +153,11 @@ def list_cases(folder: str, file_ending: str, channels: int) -> Dict[str, List[s
     exactly the channels ``0 .. channels - 1``."""
     if not os.path.isdir(folder):
         raise UserInputError(f"-i {folder!r} is not a folder")
-    pattern = re.compile(r'^(.+)_(\d{4})' + re.escape(file_ending) + '$')
-    found: Dict[str, Dict[int, str]] = {}
-    for name in sorted(os.listdir(folder)):
-        match = pattern.match(name)
-        if match:
-            found.setdefault(match.group(1), {})[int(match.group(2))] = os.path.join(folder, name)
+    found = case_channel_files(folder, file_ending, channels, 'the models')
     if not found:
         raise UserInputError(f"no CASE_0000{file_ending} images in {folder} (the models were trained on "
                              f"{file_ending} files, nnU-Net naming)")
-    for case, files in found.items():
-        if sorted(files) != list(range(channels)):
-            raise UserInputError(f"{case}: channels {sorted(files)} in {folder}; the models take {channels} "
-                                 f"(_0000 .. _{channels - 1:04d})")
-    return {case: [files[c] for c in range(channels)] for case, files in found.items()}
+    return found
 
 
 @dataclass(frozen=True)
@@ -324,15 +316,16 @@ class _FineStage:
         self.result.rounds = {case: 1 for case in boxes}
 
     def refine(self, refinement: Refinement) -> None:
-        """Rounds 2 .. max_rounds (Algorithm 1) for the cases not yet stopped."""
+        """Rounds 2 .. max_rounds (Algorithm 1) for the cases not yet stopped. Each round reads a case's last
+        and new fine predictions once each: the new one gives the RDSC (Eq. 14) and the next round's box."""
         if refinement.max_rounds == 1:
             return
-        result, active = self.result, sorted(self.result.boxes)
+        result = self.result
+        pending = {case: bounding_box(fine_region(case, self.shapes[case], result.boxes[case], self.latest[case]),
+                                      self.margins[case]) for case in sorted(result.boxes)}
         for number in range(2, refinement.max_rounds + 1):
             boxes = {}
-            for case in active:
-                box = bounding_box(fine_region(case, self.shapes[case], result.boxes[case], self.latest[case]),
-                                   self.margins[case])
+            for case, box in pending.items():
                 if box is None:
                     result.stopped[case] = 'empty fine prediction'
                     self.log(f"warning: {case}: the fine stage found nothing in round {number - 1}; its output is "
@@ -345,7 +338,7 @@ class _FineStage:
                 return
             self.log(f"fine stage, round {number}/{refinement.max_rounds}: {len(boxes)} case(s) re-cropped to their "
                      f"last fine prediction")
-            predictions, active = self._round(number, boxes), []
+            predictions, pending = self._round(number, boxes), {}
             for case, box in sorted(boxes.items()):
                 previous = fine_region(case, self.shapes[case], result.boxes[case], self.latest[case])
                 current = fine_region(case, self.shapes[case], box, predictions[case])
@@ -354,8 +347,8 @@ class _FineStage:
                 if result.rdsc[case] >= refinement.tolerance:
                     result.stopped[case] = 'converged'
                 else:
-                    active.append(case)
-        for case in active:
+                    pending[case] = bounding_box(current, self.margins[case])
+        for case in pending:
             result.stopped[case] = 'maximum rounds'
 
 
