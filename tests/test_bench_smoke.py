@@ -73,3 +73,36 @@ def test_run_all_refuses_a_loaded_machine_and_writes_nothing(tmp_path, monkeypat
     assert run_all.overloaded(cores + 0.01) and not run_all.overloaded(cores)
     assert not run_all.overloaded(cores + 0.2, own_load=0.25 * cores) and run_all.overloaded(cores * 1.3, 0.25 * cores)
     assert 'load average' in run_all.uptime()
+
+
+def test_pyradiomics_slices_keeps_the_tumour_slices_and_their_margin(tmp_path):
+    """bench/pyradiomics_slices.py on stand-in volumes: the slices with tumour +- margin become PNG pairs, CT
+    grey values follow the [-1000, 400] HU window, MRI the volume's 0.5-99.5 percentiles."""
+    import SimpleITK as sitk
+    from PIL import Image
+    sys.path.insert(0, BENCH)
+    try:
+        import pyradiomics_slices as prs
+    finally:
+        sys.path.remove(BENCH)
+    rng = np.random.default_rng(0)
+    tumour_slices = {'brain1': (3, 5), 'brain2': (0, 0), 'breast1': (6, 7), 'lung1': (2, 2), 'lung2': (4, 6)}
+    for case, (first, last) in tumour_slices.items():
+        image = rng.uniform(-1000, 400, (8, 16, 12)) if case.startswith('lung') else rng.gamma(2.0, 100, (8, 16, 12))
+        mask = np.zeros((8, 16, 12), np.uint8)
+        mask[first:last + 1, 4:8, 3:6] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.float32)), str(tmp_path / f'{case}_image.nrrd'))
+        sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / f'{case}_label.nrrd'))
+    counts = prs.write_slices(str(tmp_path), str(tmp_path / 'out'), margin=2)
+    # slices first - 2 .. last + 2, clipped to the volume (8 slices)
+    assert counts == {'brain1': (7, 3), 'brain2': (3, 1), 'breast1': (4, 2), 'lung1': (5, 1), 'lung2': (6, 3)}
+    assert sorted(os.listdir(tmp_path / 'out' / 'images')) == sorted(os.listdir(tmp_path / 'out' / 'masks'))
+    assert len(os.listdir(tmp_path / 'out' / 'images')) == sum(n for n, _ in counts.values())
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'lung1_image.nrrd')))
+    png = np.asarray(Image.open(tmp_path / 'out' / 'images' / 'lung1_z002.png'))
+    np.testing.assert_array_equal(png, np.round((lung[2] + 1000) / 1400 * 255).astype(np.uint8))
+    mask = np.asarray(Image.open(tmp_path / 'out' / 'masks' / 'lung1_z002.png'))
+    assert set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 4 * 3
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'brain1_image.nrrd')))
+    low, high = np.percentile(brain, (0.5, 99.5))
+    assert prs.grey(np.array([low, high, high + 1]), 'brain1').tolist() == [0, 255, 255]
