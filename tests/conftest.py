@@ -1,3 +1,4 @@
+import copy
 import os
 import sys
 
@@ -10,13 +11,24 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 sys.path.insert(0, os.path.dirname(__file__))  # tests/cli_helpers.py, tests/trainer_helpers.py
 
 from cli_helpers import plan_stock_phantoms, user_environment  # noqa: E402
-from trainer_helpers import planned_phantom  # noqa: E402
+from trainer_helpers import plan_phantom  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def planned_phantom_files(tmp_path_factory):
+    """A tiny 2D phantom planned once per session: ``(environ, plans, dataset_json)``."""
+    return plan_phantom(str(tmp_path_factory.mktemp('loss_root')))
 
 
 @pytest.fixture(scope='module')
-def planned(tmp_path_factory):
-    """(plans, dataset_json) of a tiny planned 2D phantom; trainers are built from it by hand."""
-    yield from planned_phantom(tmp_path_factory)
+def planned(planned_phantom_files):
+    """(plans, dataset_json) of the tiny planned 2D phantom (copies), with nnU-Net's folders set to its
+    root for the module; trainers are built from it by hand."""
+    environ, plans, dataset_json = planned_phantom_files
+    with pytest.MonkeyPatch.context() as patch:
+        for k, v in environ.items():
+            patch.setenv(k, v)
+        yield copy.deepcopy(plans), copy.deepcopy(dataset_json)
 
 
 @pytest.fixture

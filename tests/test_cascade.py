@@ -313,19 +313,22 @@ def cascade(tmp_path_factory):
     options = ['-device', 'cpu', '-npp', '0', '-nps', '0', '--disable_tta', '--no_pbar']
     common = ['--tumour', str(TUMOUR_ID), CONFIGURATION, TRAINER, '0', *options]
     masks = {k: os.path.join(root, f'coarse_{k}') for k in ('model', 'coarse_to_fine')}
-    results = run_parallel([
+    # the three runs and the two refusals in one round (the refusals, quick, take the workers freed first)
+    *results, refused1, refused2 = run_parallel([
         ['nnunet-ext', 'cascade-predict', '-i', images, '-o', out['model'], '--liver', str(LIVER_ID),
          CONFIGURATION, TRAINER, '0', '--save_liver_masks', masks['model'], *common],
         ['nnunet-ext', 'cascade-predict', '-i', images, '-o', out['references'], '--liver_masks', references,
          '--margin', str(MARGIN_MM), *common],
         ['nnunet-ext', 'cascade-predict', '-i', images, '-o', out['coarse_to_fine'], '--coarse', str(LIVER_ID),
          CONFIGURATION, TRAINER, '0', '--fine', str(FINE_ID), CONFIGURATION, TRAINER, '0', '--refine', '3',
-         '--save_coarse_masks', masks['coarse_to_fine'], *options]], env, workers=3)
-    refused = run_parallel([
+         '--save_coarse_masks', masks['coarse_to_fine'], *options],
         ['nnunet-ext', 'cascade-predict', '-i', images, '-o', out['refused'], '--liver_masks', references,
          '--margin', '7', *common],
         ['nnunet-ext', 'cascade-predict', '-i', images, '-o', out['refused2'], '--liver_masks', references,
-         '--refine', '2', *common]], env, check=False)
+         '--refine', '2', *common]], env, workers=3, check=False)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-6000:]
+    refused = [refused1, refused2]
     return dict(env=env, images=images, references=references, masks=masks, out=out, refused=refused,
                 logs={'model': results[0], 'references': results[1], 'coarse_to_fine': results[2]})
 

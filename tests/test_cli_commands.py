@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cli_helpers import run, user_environment
+from cli_helpers import run, run_parallel, user_environment
 from nnunet_ext.demo.phantom import write_phantom_dataset
 from nnunet_ext.training.schedule import training_length_overrides
 
@@ -61,20 +61,13 @@ def test_env_errors_are_clear(tmp_path, case):
     assert result.returncode == 2 and 'Traceback' not in result.stderr and result.stdout == ''
 
 
-def test_trainers_lists_every_trainer_and_nnunet_finds_each(env):
+def test_trainers_lists_every_trainer_and_nnunet_finds_each_and_the_readme_subclass(env, tmp_path):
+    """``nnunet-ext trainers``; nnU-Net's own lookup finds each of ours, and the README's example, a user's own
+    trainer folder next to ours in nnUNet_extTrainer (one interpreter: each costs seconds of imports)."""
     out = run(['nnunet-ext', 'trainers'], env).stdout
     listed = {line.split()[0] for line in out.strip().splitlines()}
     assert listed == EXPECTED_TRAINERS
     assert all(len(line.split(None, 1)) == 2 for line in out.strip().splitlines())  # each has a description
-    code = ('from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n'
-            f'for n in {sorted(EXPECTED_TRAINERS)!r}: print(n, f(n).__mro__[1].__module__)')
-    found = run(['python', '-c', code], env).stdout
-    for name in EXPECTED_TRAINERS:
-        assert f'{name} nnunet_ext.training' in found
-
-
-def test_readme_subclass_in_a_user_trainer_folder_is_found(env, tmp_path):
-    """The README's example: a user's own trainer folder next to ours in nnUNet_extTrainer."""
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md'), encoding='utf-8').read()
     snippet = re.search(r'```python\n(# my_trainers\.py.*?)```', readme, re.S).group(1)
     folder = tmp_path / 'my_trainer_folder'
@@ -82,25 +75,25 @@ def test_readme_subclass_in_a_user_trainer_folder_is_found(env, tmp_path):
     (folder / 'my_trainers.py').write_text(snippet)
     user_env = {**env, 'nnUNet_extTrainer': env['nnUNet_extTrainer'] + os.pathsep + str(folder)}
     code = ('from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n'
+            f'for n in {sorted(EXPECTED_TRAINERS)!r}: print(n, f(n).__mro__[1].__module__)\n'
             'cls = f("nnUNetTrainerMLLSlow")\n'
-            'print(cls.mll_schedule(4).boundary, cls.mll_schedule(5).boundary)')
-    assert run(['python', '-c', code], user_env).stdout.strip().splitlines()[-1] == '0.0 0.2'
+            'print("MLLSlow", cls.mll_schedule(4).boundary, cls.mll_schedule(5).boundary)')
+    found = run(['python', '-c', code], user_env).stdout
+    for name in EXPECTED_TRAINERS:
+        assert f'{name} nnunet_ext.training' in found
+    assert found.strip().splitlines()[-1] == 'MLLSlow 0.0 0.2'
 
 
-def test_unknown_trainer_gives_nnunets_message(env):
-    result = run(['nnUNetv2_train', '1', '2d', '0', '-tr', 'nnUNetTrainerDoesNotExist', '-device', 'cpu'], env,
-                 check=False)
-    assert result.returncode != 0
-    assert 'Could not find requested nnunet trainer nnUNetTrainerDoesNotExist' in result.stderr
-    assert 'nnunet_ext' not in result.stderr.split('Traceback', 1)[-1].split('RuntimeError')[0]
-
-
-def test_missing_dataset_gives_nnunets_message_not_ours(env):
-    result = run(['nnUNetv2_train', '987', '2d', '0', '-tr', 'nnUNetTrainerGODC', '-device', 'cpu'], env,
-                 check=False)
-    assert result.returncode != 0
-    assert 'Could not find a dataset with the ID 987' in result.stderr
-    traceback = result.stderr.split('Traceback', 1)[-1]
+def test_unknown_trainer_and_missing_dataset_give_nnunets_messages_not_ours(env):
+    unknown, missing = run_parallel([
+        ['nnUNetv2_train', '1', '2d', '0', '-tr', 'nnUNetTrainerDoesNotExist', '-device', 'cpu'],
+        ['nnUNetv2_train', '987', '2d', '0', '-tr', 'nnUNetTrainerGODC', '-device', 'cpu']], env, check=False)
+    assert unknown.returncode != 0
+    assert 'Could not find requested nnunet trainer nnUNetTrainerDoesNotExist' in unknown.stderr
+    assert 'nnunet_ext' not in unknown.stderr.split('Traceback', 1)[-1].split('RuntimeError')[0]
+    assert missing.returncode != 0
+    assert 'Could not find a dataset with the ID 987' in missing.stderr
+    traceback = missing.stderr.split('Traceback', 1)[-1]
     assert '/nnunet_ext/' not in traceback and '/trainers/' not in traceback
 
 

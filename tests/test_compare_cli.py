@@ -1,6 +1,7 @@
-"""``nnunet-ext compare`` end to end: a tiny 2D phantom planned by the stock command, nnUNetTrainer and
-nnUNetTrainerGODC trained on folds 0 and 1 (test-sized), then the console script on folds 0 1 2 (fold 2
-was never trained: it must be reported). The numbers are checked against Dice computed here with numpy
+"""``nnunet-ext compare`` end to end: the tiny 2D phantom planned by the stock command (shared with the
+stock-CLI tests, ``stock_phantoms``, whose other trainers' results the report must leave out: ``-tr``),
+nnUNetTrainer and nnUNetTrainerGODCOnly trained on folds 0 and 1 (test-sized), then the console script on
+folds 0 1 2 (fold 2 was never trained: it must be reported). The numbers are checked against Dice computed here with numpy
 from the arrays of the validation folders and gt_segmentations (and against nnU-Net's own validation
 summary), the Wilcoxon p against scipy on the same pairs, the plots as PNG files."""
 from __future__ import annotations
@@ -16,12 +17,12 @@ import pytest
 import SimpleITK as sitk
 from scipy.stats import wilcoxon
 
-from cli_helpers import SHORT_TRAINING, planned_phantom, run, run_parallel, user_environment
+from cli_helpers import SHORT_TRAINING, run, run_parallel
 
 pytestmark = pytest.mark.cli
 
-DATASET_ID = 231
-TRAINERS = ('nnUNetTrainer', 'nnUNetTrainerGODC')
+OTHER = 'nnUNetTrainerGODCOnly'  # trained on the shared phantom by no other test
+TRAINERS = ('nnUNetTrainer', OTHER)
 FOLDS = (0, 1)
 CLASSES = {'liver': 1, 'tumour': 2}
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -41,24 +42,22 @@ if __name__ == '__main__':
 """
 
 
-def _train_command(trainer: str, fold: int):
+def _train_command(dataset_id: int, trainer: str, fold: int):
     if trainer == 'nnUNetTrainer':
-        return [sys.executable, '-c', TRAIN_NNUNET_TRAINER, str(DATASET_ID), '2d', str(fold)]
-    return ['nnUNetv2_train', str(DATASET_ID), '2d', str(fold), '-tr', trainer, '-device', 'cpu']
+        return [sys.executable, '-c', TRAIN_NNUNET_TRAINER, str(dataset_id), '2d', str(fold)]
+    return ['nnUNetv2_train', str(dataset_id), '2d', str(fold), '-tr', trainer, '-device', 'cpu']
 
 
 @pytest.fixture(scope='module')
-def compared(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('compare'))
-    env = user_environment(root)
-    dataset = planned_phantom(env, DATASET_ID, 'ComparePhantom', '2d', (48, 48))
+def compared(stock_phantoms):
+    env, dataset_id, dataset = (stock_phantoms['2d'][k] for k in ('env', 'dataset_id', 'dataset'))
     # one export worker for the final validation (one case per fold): spawning a second costs ~8 s of imports
-    run_parallel([_train_command(t, f) for t in TRAINERS for f in FOLDS],
+    run_parallel([_train_command(dataset_id, t, f) for t in TRAINERS for f in FOLDS],
                  {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0', 'nnUNet_def_n_proc': '1'})
     with ThreadPoolExecutor(max_workers=2) as pool:  # independent: the report, and a user error
-        report = pool.submit(run, ['nnunet-ext', 'compare', str(DATASET_ID), '-c', '2d', '-f', '0', '1', '2',
-                                   '--no_pbar'], env)
-        refused = pool.submit(run, ['nnunet-ext', 'compare', str(DATASET_ID), '-c', '3d_fullres', '--no_pbar'], env,
+        report = pool.submit(run, ['nnunet-ext', 'compare', str(dataset_id), '-c', '2d', '-tr', *TRAINERS, '-f', '0',
+                                   '1', '2', '--no_pbar'], env)
+        refused = pool.submit(run, ['nnunet-ext', 'compare', str(dataset_id), '-c', '3d_fullres', '--no_pbar'], env,
                               False)
         result, refused = report.result(), refused.result()
     out = os.path.join(env['nnUNet_results'], dataset, 'compare_2d')
@@ -102,7 +101,7 @@ def test_missing_fold_is_reported(compared):
         assert f'{trainer} fold 2: missing' in '\n'.join(compared['content']['problems'])
     assert len(compared['content']['problems']) == 2, compared['content']['problems']
     markdown = open(os.path.join(compared['out'], 'report.md'), encoding='utf-8').read()
-    assert 'nnUNetTrainerGODC fold 2: missing' in markdown
+    assert f'{OTHER} fold 2: missing' in markdown
     assert re.search(r'^\| nnUNetTrainer \| liver \| [\d.]+ \| [\d.]+ \| missing \|', markdown, re.M), markdown
 
 
@@ -142,12 +141,12 @@ def test_report_numbers_equal_own_per_case_dice(compared):
 
 
 def test_wilcoxon_equals_scipy_on_own_pairs(compared):
-    own, tests = _own_dice(compared), compared['content']['wilcoxon']['tests']['nnUNetTrainerGODC']
+    own, tests = _own_dice(compared), compared['content']['wilcoxon']['tests'][OTHER]
     tested = 0
     for name in CLASSES:
         keys = sorted(k for k in own['nnUNetTrainer'][name] if not np.isnan(own['nnUNetTrainer'][name][k])
-                      and not np.isnan(own['nnUNetTrainerGODC'][name].get(k, np.nan)))
-        x = [own['nnUNetTrainerGODC'][name][k] for k in keys]
+                      and not np.isnan(own[OTHER][name].get(k, np.nan)))
+        x = [own[OTHER][name][k] for k in keys]
         y = [own['nnUNetTrainer'][name][k] for k in keys]
         assert tests[name]['n_pairs'] == len(keys)
         if np.any(np.subtract(x, y) != 0):

@@ -1,8 +1,9 @@
-"""2.5D input through the stock nnU-Net command line, as README tells users: a 3D phantom whose largest
-spacing is on array axis 2 (so nnU-Net's 2d configuration slices along x, not the first axis) ->
-``nnunet-ext stack-slices`` (3 slices per channel) -> ``nnUNetv2_plan_and_preprocess -c 2d`` ->
-``nnUNetv2_train ... 2d 0 -tr nnUNetTrainerMLL`` -> ``nnunet-ext preprocess-images -d`` on new images ->
-``nnUNetv2_predict``.
+"""2.5D input and ``nnUNetTrainerMLL`` through the stock nnU-Net command line, as README tells users: a 3D
+phantom whose largest spacing is on array axis 2 (so nnU-Net's 2d configuration slices along x, not the
+first axis), multi-class labels and an ignore label -> ``nnunet-ext stack-slices`` (3 slices per channel)
+-> ``nnUNetv2_plan_and_preprocess -c 2d`` -> ``nnUNetv2_train ... 2d 0 -tr nnUNetTrainerMLL`` for 13 epochs
+(the paper schedule switches the point term on at epoch 12; deep supervision on, nnU-Net's default) ->
+``nnunet-ext preprocess-images -d`` on new images -> ``nnUNetv2_predict``.
 
 Checked: the plans slice along the stacked axis; nnU-Net's *preprocessed* training data (its ``noNorm``
 channels keep the values) has the neighbouring slices as channels, edge slices replicated; new images
@@ -12,8 +13,11 @@ prediction (training, validation and prediction agree). Our trainers' refusal of
 not slice along the stacked axis is tested in-process (``test_slice_stack.py``)."""
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -27,23 +31,33 @@ pytestmark = pytest.mark.cli
 SOURCE_ID, STACKED_ID = 321, 322
 TRAINER = 'nnUNetTrainerMLL'  # the multi-level paper's, whose networks take 3 slices
 SPACING_XYZ = (3.0, 0.8, 0.8)  # array (z, y, x) spacing (0.8, 0.8, 3.0): nnU-Net slices along array axis 2
+IGNORE = 3
+# the MLL schedule over 13 epochs (point term from epoch 12), short epochs
+MLL_TRAINING = {**SHORT_TRAINING, 'nnUNet_ext_num_epochs': '13', 'nnUNet_ext_num_iterations_per_epoch': '2',
+                'nnUNet_ext_num_val_iterations_per_epoch': '1'}
 
 
 def _source_dataset(raw: str) -> str:
     """A 3D phantom dataset with its thick slices on array axis 2 (the phantom's (8, 24, 24) arrays moved
-    to (24, 24, 8)) and a ``noNorm`` channel."""
+    to (24, 24, 8)), a ``noNorm`` channel and an ignore label (a band of each training case's background)."""
     from nnunet_ext.demo.phantom import write_phantom_dataset
     folder = write_phantom_dataset(raw, SOURCE_ID, 'SlicePhantom', num_train=5, num_test=1, shape=(8, 24, 24),
                                    seed=SOURCE_ID, progress=False)
     for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
         for name in os.listdir(os.path.join(folder, sub)):
             path = os.path.join(folder, sub, name)
-            image = sitk.GetImageFromArray(np.moveaxis(_array(path), 0, 2).copy())
+            array = np.moveaxis(_array(path), 0, 2).copy()
+            if sub == 'labelsTr':  # nnU-Net's ignore convention: the highest label
+                band = np.zeros(array.shape, bool)
+                band[:4] = True
+                array[band & (array == 0)] = IGNORE
+            image = sitk.GetImageFromArray(array)
             image.SetSpacing(SPACING_XYZ)
             sitk.WriteImage(image, path)
     with open(os.path.join(folder, 'dataset.json'), encoding='utf-8') as f:
         dataset_json = json.load(f)
     dataset_json['channel_names'] = {'0': 'noNorm'}  # preprocessed values = raw values, for the channel check
+    dataset_json['labels']['ignore'] = IGNORE
     with open(os.path.join(folder, 'dataset.json'), 'w', encoding='utf-8') as f:
         json.dump(dataset_json, f, indent=4)
     return folder
@@ -59,7 +73,7 @@ def stacked(tmp_path_factory):
     run(['nnUNetv2_plan_and_preprocess', '-d', str(STACKED_ID), '-c', '2d', '--verify_dataset_integrity',
          '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})
     run(['nnUNetv2_train', str(STACKED_ID), '2d', '0', '-tr', TRAINER, '-device', 'cpu'],
-        {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
+        {**env, **MLL_TRAINING, 'nnUNet_n_proc_DA': '0'})
     with open(os.path.join(env['nnUNet_preprocessed'], dataset, 'splits_final.json'), encoding='utf-8') as f:
         (validation_case,) = json.load(f)[0]['val']
     new_images, stacked_images = os.path.join(root, 'new'), os.path.join(root, 'new_stacked')
@@ -71,8 +85,14 @@ def stacked(tmp_path_factory):
          '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'], env)
     return dict(env=env, source=source, dataset=dataset, log=log.stdout, new_images=new_images,
                 stacked_images=stacked_images, predictions=predictions, validation_case=validation_case,
-                raw=os.path.join(env['nnUNet_raw'], dataset),
+                raw=os.path.join(env['nnUNet_raw'], dataset), training_log=_training_log(env, dataset),
                 results=os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__2d', 'fold_0'))
+
+
+def _training_log(env, dataset: str) -> str:
+    results = os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__2d', 'fold_0')
+    with open(sorted(glob.glob(os.path.join(results, 'training_log_*.txt')))[-1], encoding='utf-8') as f:
+        return f.read()
 
 
 def _array(path: str) -> np.ndarray:
@@ -122,3 +142,29 @@ def test_prediction_agrees_with_the_trainers_validation(stacked):
                                   _array(os.path.join(stacked['results'], 'validation', case)))
     assert_label_maps_on_input_grids(stacked['new_images'], {'2.5D': stacked['predictions']})
 
+
+
+def test_mll_schedule_and_terms_are_logged_per_epoch(stacked):
+    log = stacked['training_log']
+    weights = re.findall(r'multi-level loss weights: region (\S+), boundary \(alpha\) (\S+), point \(beta\) (\S+)', log)
+    assert len(weights) == 13
+    assert weights[0] == ('1', '0', '0')
+    assert weights[2] == ('1', '0.4', '0')
+    assert weights[11] == ('1', '1', '0') and weights[12] == ('1', '1', '1')
+    for phase in ('train', 'val'):
+        terms = re.findall(rf'multi-level loss terms \({phase}, unweighted\): region (\S+), boundary (\S+), point (\S+)',
+                           log)
+        assert len(terms) == 13, phase
+        assert all(math.isfinite(float(v.rstrip(','))) for row in terms for v in row)
+    assert os.path.isfile(os.path.join(stacked['results'], 'checkpoint_final.pth'))
+    assert os.path.isfile(os.path.join(stacked['results'], 'validation', 'summary.json'))
+
+
+def test_the_ignore_label_is_trained_around_and_never_predicted(stacked):
+    with open(os.path.join(stacked['raw'], 'dataset.json'), encoding='utf-8') as f:
+        assert json.load(f)['labels']['ignore'] == IGNORE  # stack-slices keeps it
+    case = stacked['validation_case'] + '.nii.gz'
+    assert IGNORE in np.unique(_array(os.path.join(stacked['raw'], 'labelsTr', case)))
+    for folder in (stacked['predictions'], os.path.join(stacked['results'], 'validation')):
+        for path in glob.glob(os.path.join(folder, '*.nii.gz')):
+            assert set(np.unique(_array(path))) <= {0, 1, 2}, path

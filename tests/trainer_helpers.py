@@ -13,22 +13,23 @@ from nnunet_ext.demo.phantom import write_phantom_dataset
 DATASET_ID = 203
 
 
-def planned_phantom(tmp_path_factory):
-    """Yields (plans, dataset_json) of a planned (not preprocessed) 2D phantom dataset."""
-    root = tmp_path_factory.mktemp('loss_root')
-    saved = {k: os.environ.get(k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
-    for k in saved:
-        os.environ[k] = str(root / k)
-        os.makedirs(os.environ[k])
+def plan_phantom(root: str):
+    """Plans (does not preprocess) a 2D phantom dataset under ``root``; returns ``(environ, plans,
+    dataset_json)``, ``environ`` nnU-Net's three folders (set in ``os.environ`` only while planning)."""
+    environ = {k: os.path.join(root, k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')}
+    saved = {k: os.environ.get(k) for k in environ}
+    for k, v in environ.items():
+        os.environ[k] = v
+        os.makedirs(v)
     try:
         from nnunet_ext.planning import plan_and_preprocess
-        write_phantom_dataset(os.environ['nnUNet_raw'], DATASET_ID, 'LossPhantom', num_train=3, num_test=0,
+        write_phantom_dataset(environ['nnUNet_raw'], DATASET_ID, 'LossPhantom', num_train=3, num_test=0,
                               shape=(32, 32), progress=False)
         plans_id = plan_and_preprocess(DATASET_ID, 'ExperimentPlanner', ['2d'], fingerprint_processes=1,
                                        preprocess=False, progress=False)
-        folder = os.path.join(os.environ['nnUNet_preprocessed'], f'Dataset{DATASET_ID:03d}_LossPhantom')
-        yield load_json(os.path.join(folder, plans_id + '.json')), load_json(
-            os.path.join(os.environ['nnUNet_raw'], f'Dataset{DATASET_ID:03d}_LossPhantom', 'dataset.json'))
+        folder = os.path.join(environ['nnUNet_preprocessed'], f'Dataset{DATASET_ID:03d}_LossPhantom')
+        return (environ, load_json(os.path.join(folder, plans_id + '.json')),
+                load_json(os.path.join(environ['nnUNet_raw'], f'Dataset{DATASET_ID:03d}_LossPhantom', 'dataset.json')))
     finally:
         for k, v in saved.items():
             if v is None:
