@@ -12,8 +12,9 @@ class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin
                        nnUNetTrainer):
     """MLN: the plans' U-Net + boundary, pixel (point attention) and fusion heads; Eq. 13 loss; predicts the fusion.
 
-    The prediction is the region branch's until the fusion trains (gamma > 0). Region term Dice+CE; alpha from 0 by 0.2 per epoch to 1 (the paper's MLL ramp, see
-    :class:`~nnunet_ext.losses.mln.MLNSchedule`), beta = gamma = 0 for the first 12 epochs, then 1 (Section 4.1.1)."""
+    The prediction is the region branch's until the fusion trains (gamma > 0). Region term Dice+CE; alpha from 0
+    by 0.2 per epoch to 1 (the paper's MLL ramp, see :class:`~nnunet_ext.losses.mln.MLNSchedule`), beta = gamma = 0
+    for the first 12 epochs, then 1 (Section 4.1.1)."""
 
 
 class nnUNetTrainerMLNPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, MLNLossMixin, DiceCELossMixin,

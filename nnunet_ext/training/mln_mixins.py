@@ -56,8 +56,8 @@ class MLNLossMixin(StructuralLossMixin):
     """Eq. 13: ``E_R(P^region) + alpha E_B^S(P^boundary) + beta E_P(L^pixel) + gamma E_R(P^fusion)``.
 
     Class attributes: ``mll_schedule`` (an :class:`~nnunet_ext.losses.mln.MLNSchedule`: alpha from 0 by 0.2
-    per epoch to 1, beta = gamma = 0 before epoch 12, then 1; ``MLNSchedule(epochs_per_step=k)`` stretches it to nnU-Net's
-    shorter epochs), ``mln_distance_normalization`` (``'mean'``, the default: Phi divided per sample and
+    per epoch to 1, beta = gamma = 0 before epoch 12, then 1; ``MLNSchedule(epochs_per_step=k)`` stretches
+    it to nnU-Net's shorter epochs), ``mln_distance_normalization`` (``'mean'``, the default: Phi divided per sample and
     class by its mean magnitude over the patch, unit-free and balanced against the region term;
     ``'max'``; ``None``: the literal Eq. 12 in millimetres, see :mod:`nnunet_ext.losses.mln`),
     ``mln_distance_scale`` (literal form only: millimetres per unit of the boundary head; 1 = Eq. 12 as
