@@ -88,7 +88,7 @@ def planned_phantom(env: Dict[str, str], dataset_id: int, name: str, configurati
         command = ['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id)]
     else:
         command = ['nnunet-ext', 'plan', str(dataset_id), '-pl', planner, '--no_pbar']
-    run([*command, '--verify_dataset_integrity', '-c', configuration, '-np', '2', '-npfp', '2'],
+    run([*command, '--verify_dataset_integrity', '-c', configuration, '-np', '1', '-npfp', '1'],
         {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0
     write_default_splits(env, dataset)
     return dataset
@@ -129,16 +129,30 @@ def assert_refused(result: subprocess.CompletedProcess, pattern: str, raw_folder
 STOCK_PHANTOMS = {'2d': (201, (48, 48)), '3d_fullres': (202, (12, 32, 32))}
 
 
+#: plans made on the stock phantoms besides nnU-Net's default ``nnUNetPlans``: our planner -> its plans
+STOCK_PHANTOM_EXTRA_PLANS = {'ANUNetPlanner': 'nnUNetPlansANUNet'}
+
+
+def _plan_stock_phantom(env: Dict[str, str], configuration: str) -> str:
+    dataset_id, shape = STOCK_PHANTOMS[configuration]
+    dataset = planned_phantom(env, dataset_id, f'StockPhantom{configuration.replace("_", "")}', configuration, shape)
+    for planner in STOCK_PHANTOM_EXTRA_PLANS:  # the fingerprint is reused
+        run(['nnunet-ext', 'plan', str(dataset_id), '-pl', planner, '--no_pbar', '-c', configuration, '-np', '1',
+             '-npfp', '1'], {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0
+    return dataset
+
+
 def plan_stock_phantoms(root: str) -> Dict[str, dict]:
-    """Plans one phantom per configuration of :data:`STOCK_PHANTOMS` with nnU-Net's default planner, both
-    at once, in one user environment under ``root``: ``{configuration: {env, dataset_id, dataset}}``.
-    Shared by the stock-CLI tests of several trainer families (each adds its own trainer's results
-    folder), so the suite plans them once instead of once per family."""
+    """Plans one phantom per configuration of :data:`STOCK_PHANTOMS` with nnU-Net's default planner and
+    with ours of :data:`STOCK_PHANTOM_EXTRA_PLANS`, both configurations at once, in one user environment
+    under ``root``: ``{configuration: {env, dataset_id, dataset}}``. Shared by the stock-CLI tests of
+    several trainer families (each adds its own trainer's results folder), so the suite plans them once
+    instead of once per family, and before any training (planning rewrites the preprocessed folder's
+    ``dataset.json`` and ``gt_segmentations``, which trainings read)."""
     from concurrent.futures import ThreadPoolExecutor
     env = user_environment(root)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c: pool.submit(planned_phantom, env, i, f'StockPhantom{c.replace("_", "")}', c, shape)
-                   for c, (i, shape) in STOCK_PHANTOMS.items()}
+        futures = {c: pool.submit(_plan_stock_phantom, env, c) for c in STOCK_PHANTOMS}
         return {c: dict(env=env, dataset_id=STOCK_PHANTOMS[c][0], dataset=f.result()) for c, f in futures.items()}
 
 

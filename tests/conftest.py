@@ -1,6 +1,8 @@
 import copy
+import json
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -14,10 +16,27 @@ from cli_helpers import plan_stock_phantoms, user_environment  # noqa: E402
 from trainer_helpers import plan_phantom  # noqa: E402
 
 
+def once_per_run(tmp_path_factory, name: str, build):
+    """``build(folder)`` (a JSON-serialisable result) once per test run. Under pytest-xdist (the README's
+    command runs two workers) the first worker to ask builds it in a folder shared by the workers while
+    holding a file lock; the other waits and reads the result back. A failed build leaves no result: the
+    next worker to ask tries again in a fresh folder."""
+    if os.environ.get('PYTEST_XDIST_WORKER') is None:
+        return build(str(tmp_path_factory.mktemp(name)))
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp().parent  # the run's base folder, above each worker's own
+    result = shared / f'{name}.json'
+    with FileLock(str(shared / f'{name}.lock')):
+        if not result.exists():
+            built = build(tempfile.mkdtemp(prefix=f'{name}_', dir=shared))
+            result.write_text(json.dumps(built), encoding='utf-8')
+        return json.loads(result.read_text(encoding='utf-8'))
+
+
 @pytest.fixture(scope='session')
 def planned_phantom_files(tmp_path_factory):
-    """A tiny 2D phantom planned once per session: ``(environ, plans, dataset_json)``."""
-    return plan_phantom(str(tmp_path_factory.mktemp('loss_root')))
+    """A tiny 2D phantom planned once per run: ``(environ, plans, dataset_json)``."""
+    return once_per_run(tmp_path_factory, 'loss_root', plan_phantom)
 
 
 @pytest.fixture(scope='module')
@@ -40,8 +59,9 @@ def env(tmp_path):
 
 @pytest.fixture(scope='session')
 def stock_phantoms(tmp_path_factory):
-    """The planned 2d and 3d_fullres phantoms shared by the stock-CLI tests (``plan_stock_phantoms``)."""
-    return plan_stock_phantoms(str(tmp_path_factory.mktemp('stock_phantoms')))
+    """The planned 2d and 3d_fullres phantoms shared by the stock-CLI tests (``plan_stock_phantoms``), once
+    per run."""
+    return once_per_run(tmp_path_factory, 'stock_phantoms', plan_stock_phantoms)
 
 
 @pytest.fixture(scope='module')

@@ -304,10 +304,10 @@ def cascade(tmp_path_factory):
     run_parallel([[*convert, '--id', str(LIVER_ID)], [*convert, '--id', str(TUMOUR_ID), *crop],
                   [*convert, '--id', str(FINE_ID), *crop, '--crop-keep', 'liver', 'tumor']], env, workers=3)
     run(['nnUNetv2_plan_and_preprocess', '-d', str(LIVER_ID), str(TUMOUR_ID), str(FINE_ID), '-c', CONFIGURATION,
-         '--verify_dataset_integrity', '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})
+         '--verify_dataset_integrity', '-np', '1', '-npfp', '1'], {**env, 'nnUNet_n_proc_DA': '1'})
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
-    run_parallel([['nnUNetv2_train', str(d), CONFIGURATION, '0', '-tr', TRAINER, '-device', 'cpu']
-                  for d in (LIVER_ID, TUMOUR_ID, FINE_ID)], train_env, workers=3)
+    trained = run_parallel([['nnUNetv2_train', str(d), CONFIGURATION, '0', '-tr', TRAINER, '-device', 'cpu']
+                            for d in (LIVER_ID, TUMOUR_ID, FINE_ID)], train_env, workers=3)
     images = os.path.join(env['nnUNet_raw'], 'Dataset311_LiTS', 'imagesTs')
     out = {k: os.path.join(root, f'out_{k}') for k in ('model', 'references', 'coarse_to_fine', 'refused', 'refused2')}
     options = ['-device', 'cpu', '-npp', '0', '-nps', '0', '--disable_tta', '--no_pbar']
@@ -330,6 +330,7 @@ def cascade(tmp_path_factory):
         assert result.returncode == 0, result.stderr[-6000:]
     refused = [refused1, refused2]
     return dict(env=env, images=images, references=references, masks=masks, out=out, refused=refused,
+                training_logs=[r.stdout for r in trained],
                 logs={'model': results[0], 'references': results[1], 'coarse_to_fine': results[2]})
 
 
@@ -346,6 +347,23 @@ def _check_fusion(output: np.ndarray, stage1: np.ndarray) -> None:
     assert set(np.unique(output)) <= {0, 1, 2}
     np.testing.assert_array_equal(output == 1, region & (output != 2))
     assert not (output[~in_box]).any()
+
+
+@pytest.mark.cli
+def test_the_stock_trainer_trains_the_preactivation_resunet_with_the_short_schedule(cascade):
+    """The plain residual U-Net's stock-CLI training (its 3D GODC + LFAM variant: test_stock_cli_resunet.py)."""
+    import torch
+    for dataset_id, log in zip((LIVER_ID, TUMOUR_ID, FINE_ID), cascade['training_logs']):
+        assert 'training length from environment' in log
+        dataset = next(d for d in os.listdir(cascade['env']['nnUNet_results']) if d.startswith(f'Dataset{dataset_id}_'))
+        fold = os.path.join(cascade['env']['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__{CONFIGURATION}',
+                            'fold_0')
+        checkpoint = torch.load(os.path.join(fold, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
+        assert checkpoint['trainer_name'] == TRAINER
+        weights = checkpoint['network_weights']
+        assert any(k.endswith('.norm1.weight') for k in weights)  # pre-activation units
+        assert not any(k.startswith('decoder.alignments.') or k.startswith('decoder.encoder.') for k in weights)
+        assert os.path.isfile(os.path.join(fold, 'validation', 'summary.json'))
 
 
 @pytest.mark.cli

@@ -63,11 +63,8 @@ def test_env_errors_are_clear(tmp_path, case):
 
 def test_trainers_lists_every_trainer_and_nnunet_finds_each_and_the_readme_subclass(env, tmp_path):
     """``nnunet-ext trainers``; nnU-Net's own lookup finds each of ours, and the README's example, a user's own
-    trainer folder next to ours in nnUNet_extTrainer (one interpreter: each costs seconds of imports)."""
-    out = run(['nnunet-ext', 'trainers'], env).stdout
-    listed = {line.split()[0] for line in out.strip().splitlines()}
-    assert listed == EXPECTED_TRAINERS
-    assert all(len(line.split(None, 1)) == 2 for line in out.strip().splitlines())  # each has a description
+    trainer folder next to ours in nnUNet_extTrainer (all lookups in one interpreter, beside the listing: each
+    interpreter costs seconds of imports)."""
     readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md'), encoding='utf-8').read()
     snippet = re.search(r'```python\n(# my_trainers\.py.*?)```', readme, re.S).group(1)
     folder = tmp_path / 'my_trainer_folder'
@@ -78,7 +75,11 @@ def test_trainers_lists_every_trainer_and_nnunet_finds_each_and_the_readme_subcl
             f'for n in {sorted(EXPECTED_TRAINERS)!r}: print(n, f(n).__mro__[1].__module__)\n'
             'cls = f("nnUNetTrainerMLLSlow")\n'
             'print("MLLSlow", cls.mll_schedule(4).boundary, cls.mll_schedule(5).boundary)')
-    found = run(['python', '-c', code], user_env).stdout
+    listing, lookup = run_parallel([['nnunet-ext', 'trainers'], ['python', '-c', code]], env, envs=[env, user_env])
+    out, found = listing.stdout, lookup.stdout
+    listed = {line.split()[0] for line in out.strip().splitlines()}
+    assert listed == EXPECTED_TRAINERS
+    assert all(len(line.split(None, 1)) == 2 for line in out.strip().splitlines())  # each has a description
     for name in EXPECTED_TRAINERS:
         assert f'{name} nnunet_ext.training' in found
     assert found.strip().splitlines()[-1] == 'MLLSlow 0.0 0.2'

@@ -251,9 +251,9 @@ def test_a_converted_dataset_passes_nnunets_integrity_check_and_preprocessing(tm
     dataset with the stock commands is test_cascade's)."""
     source = str(tmp_path / 'LiTS')
     _lits_source(source, cases=(0, 1, 2, 3, 4))  # five cases: nnU-Net's 5-fold split
-    run(['nnunet-ext', 'convert', 'lits', source, '--id', '507', '--window', '-100', '400', '-np', '2'], env)
-    run(['nnUNetv2_plan_and_preprocess', '-d', '507', '--verify_dataset_integrity', '-c', '2d', '-np', '2',
-         '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})
+    run(['nnunet-ext', 'convert', 'lits', source, '--id', '507', '--window', '-100', '400', '-np', '1'], env)
+    run(['nnUNetv2_plan_and_preprocess', '-d', '507', '--verify_dataset_integrity', '-c', '2d', '-np', '1',
+         '-npfp', '1'], {**env, 'nnUNet_n_proc_DA': '1'})
     preprocessed = os.path.join(env['nnUNet_preprocessed'], 'Dataset507_LiTS')
     plans = json.load(open(os.path.join(preprocessed, 'nnUNetPlans.json')))
     data = os.path.join(preprocessed, plans['configurations']['2d']['data_identifier'])

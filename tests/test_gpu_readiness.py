@@ -32,18 +32,23 @@ GLOBAL_LOSS_TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTra
 # the multi-level trainers draw random points (Eq. 10's PointRend sampling): different draws per process
 
 # under DDP: every network class once (a trainer whose network is inside another listed one's is left out:
-# MLL's is GODC's, UNet++'s is ANU-Net's without gates, IFE curvature's is IFE entropy's module with another
-# score, the plain residual U-Net is inside ResUNetGODCLFAM's), each in the 2d configuration
-DDP_TRAINERS = tuple(n for n in h.TRAINERS if n not in ('nnUNetTrainerMLL', 'nnUNetTrainerUNetPlusPlus',
-                                                         'nnUNetTrainerIFECurvature', 'nnUNetTrainerResUNet'))
+# MLL's and GODCOnly's are GODC's (GODCOnly's loss is GODC's without the cross-entropy), UNet++'s is ANU-Net's
+# without gates, IFE curvature's is IFE entropy's module with another score, the plain residual U-Net is inside
+# ResUNetGODCLFAM's), each in the 2d configuration
+DDP_TRAINERS = tuple(n for n in h.TRAINERS if n not in ('nnUNetTrainerMLL', 'nnUNetTrainerGODCOnly',
+                                                         'nnUNetTrainerUNetPlusPlus', 'nnUNetTrainerIFECurvature',
+                                                         'nnUNetTrainerResUNet'))
 
 
 @pytest.fixture(autouse=True)
-def quiet_and_fresh():
-    """No warnings; a fresh dynamo cache per test (its recompile limit is per code object: networks of
-    other tests must not use it up)."""
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
+def quiet_and_roomy():
+    """No warnings; room in dynamo's cache for the graphs of every test of the module (its recompile limit,
+    8, is per code object: nnU-Net's compiled Dice loss recompiles for each shape and autocast dtype; the
+    networks of other tests must not use it up). Compiled graphs are kept from test to test: compiling
+    nnU-Net's Dice loss again for each trainer takes seconds and tests nothing new (the one-graph test starts
+    from an empty cache)."""
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=256,
+                                                               accumulated_recompile_limit=4096):
         warnings.simplefilter('ignore')
         yield
 
@@ -82,9 +87,11 @@ def single_process_gradients(name: str, state: dict, batch: dict) -> dict:
 
 # networks whose 3D training graph (aot_eager, fullgraph, backward) a dedicated test compiles already:
 # test_anunet_godc_gpu_readiness.py (ANU-Net), test_mll_mln_device_readiness.py (MLN), test_ife_compile.py (IFE,
-# both scores)
+# both scores); the residual encoders with deformable skips: their 3D deformable alignment is GODCLFAM's (compiled
+# here in 3D), their encoders are plain convolutions (trained compiled in 2D by the DDP test)
 TRAINING_GRAPH_3D_TESTED_ELSEWHERE = ('nnUNetTrainerANUNet', 'nnUNetTrainerMLN', 'nnUNetTrainerIFECurvature',
-                                      'nnUNetTrainerGODCIFEEntropy')
+                                      'nnUNetTrainerGODCIFEEntropy', 'nnUNetTrainerLFAMResEnc',
+                                      'nnUNetTrainerResUNetGODCLFAM')
 
 
 @pytest.mark.parametrize('name, configuration',
@@ -94,6 +101,7 @@ def test_one_graph_in_training_and_inference(nnunet_folders, name, configuration
     2D training is the DDP test's, some 3D networks' the dedicated tests' above), inference mode
     (``network.eval()``, deep supervision off as nnU-Net's predictor builds it) on dynamo alone; the outputs
     equal the eager network's."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     trainer, network, loss = h.build(name, configuration, compile_network=False)
     batch = h.make_batch(trainer)
@@ -141,12 +149,15 @@ def test_the_trap_catches_a_sync():
 # too; 3D bfloat16 is checked on deeper maps in test_mll_mln_device_readiness.py and
 # test_deformable_conv_memory.py.
 BFLOAT16_2D = ('nnUNetTrainerGODCLFAM', 'nnUNetTrainerIFECurvature', 'nnUNetTrainerMLN', 'nnUNetTrainerANUNet')
+# float16 in 2D only for the residual encoders with deformable skips: in 3D their own numerics, the deformable
+# sampling, are GODCLFAM's (checked in 3D), the rest is convolution and normalisation
+FLOAT16_2D_ONLY = ('nnUNetTrainerLFAMResEnc', 'nnUNetTrainerResUNetGODCLFAM')
 
 
 @pytest.mark.parametrize('name, configuration, dtype', [
     pytest.param(n, c, d, id=f'{n}-{c}-{str(d).split(".")[-1]}')
     for n, c in h.cases(['2d', '3d_fullres']) for d in (torch.float16, torch.bfloat16)
-    if d == torch.float16 or (c == '2d' and n in BFLOAT16_2D)])
+    if (d == torch.float16 and (c == '2d' or n not in FLOAT16_2D_ONLY)) or (c == '2d' and n in BFLOAT16_2D)])
 def test_mixed_precision_is_finite(nnunet_folders, name, configuration, dtype):
     torch.manual_seed(0)
     trainer, network, loss = h.build(name, configuration, compile_network=False)

@@ -55,8 +55,9 @@ def pipeline(request, stock_phantoms, tmp_path_factory):
                      '--npz', '--c']
     continued = run_parallel([continue_godc, *map(predict, other_trainers)],
                              {**train_env, 'nnUNet_ext_num_epochs': '2'})[0].stdout
+    # -np 1: one evaluation worker (nnU-Net spawns its pool: each worker costs seconds of imports)
     find_best = ['nnUNetv2_find_best_configuration', str(dataset_id), '-c', configuration, '-tr', *TRAINERS, '-f', '0',
-                 '-np', '2']
+                 '-np', '1']
     run_parallel([find_best, *map(predict, TRAINERS)], env)
     ensemble = os.path.join(root, 'ensemble')
     run(['nnUNetv2_ensemble', '-i', *(predictions[t] for t in TRAINERS), '-o', ensemble, '-np', '1'], env)

@@ -1,8 +1,8 @@
-"""ANU-Net through the command line, as README tells users to run it, on tiny 2D and 3D phantoms:
+"""ANU-Net through the command line, as README tells users to run it, on the tiny 2D and 3D phantoms shared by the stock-CLI tests:
 ``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net) -> stock
-prediction of the full model, of a pruned level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL, and of the
-model folder ``nnunet-ext prune`` exported for that level (which must predict exactly the same). In 2d
-also the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512, whatever the plans say),
+prediction of the model folder ``nnunet-ext prune`` exported for a level; in 2d also of the full model and
+of the level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL (the export must predict exactly the same), and
+``prune``'s user errors; in 2d also the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512, whatever the plans say),
 trained and predicted (the predictor rebuilds it and loads it strictly)."""
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import (SHORT_TRAINING, assert_label_maps_on_input_grids, planned_phantom, run, run_parallel,
-                         user_environment)
+from cli_helpers import STOCK_PHANTOM_EXTRA_PLANS, SHORT_TRAINING, assert_label_maps_on_input_grids, run_parallel
 
 pytestmark = pytest.mark.cli
 
 PLANS = 'nnUNetPlansANUNet'
 PAPER = 'nnUNetTrainerANUNetPaper'
-CASES = {  # configuration -> (dataset id, phantom shape, other trainers)
-    '2d': (211, (48, 48), ()),  # UNet++ (ANU-Net without gates): unit tests and test_gpu_readiness.py
-    '3d_fullres': (212, (12, 32, 32), ()),  # the nested network's losses: test_anunet_godc_gpu_readiness.py
+CASES = {  # configuration -> other trainers, on the shared planned phantoms (stock_phantoms)
+    '2d': (),  # UNet++ (ANU-Net without gates): unit tests and test_gpu_readiness.py
+    '3d_fullres': (),  # the nested network's losses: test_anunet_godc_gpu_readiness.py
 }
 
 
@@ -31,23 +30,23 @@ def _load(path):
 
 
 @pytest.fixture(scope='module')
-def pipelines(tmp_path_factory):
-    """Both configurations side by side (plans, trainings, exports and predictions two at a time)."""
-    from concurrent.futures import ThreadPoolExecutor
+def pipelines(stock_phantoms, tmp_path_factory):
+    """Both configurations side by side (trainings, exports and predictions two at a time), on the shared
+    phantoms' ANU-Net plans (``nnunet-ext plan -pl ANUNetPlanner``, made with nnU-Net's plans:
+    ``cli_helpers.STOCK_PHANTOM_EXTRA_PLANS``)."""
     root = str(tmp_path_factory.mktemp('anunet'))
-    env = user_environment(root)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c: pool.submit(planned_phantom, env, i, f'NestedPhantom{c.replace("_", "")}', c, shape,
-                                  planner='ANUNetPlanner') for c, (i, shape, _) in CASES.items()}
-        datasets = {c: f.result() for c, f in futures.items()}
-    jobs = [(c, t) for c, (_, _, other) in CASES.items() for t in ('nnUNetTrainerANUNet', *other)]
+    env = stock_phantoms['2d']['env']  # one user environment holds both phantoms
+    ids = {c: stock_phantoms[c]['dataset_id'] for c in CASES}
+    datasets = {c: stock_phantoms[c]['dataset'] for c in CASES}
+    assert STOCK_PHANTOM_EXTRA_PLANS['ANUNetPlanner'] == PLANS
+    jobs = [(c, t) for c, other in CASES.items() for t in ('nnUNetTrainerANUNet', *other)]
     jobs.append(('2d', PAPER))  # the paper's own network on the same 2d phantom
-    run_parallel([['nnUNetv2_train', str(CASES[c][0]), c, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
+    run_parallel([['nnUNetv2_train', str(ids[c]), c, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
                   for c, t in jobs], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
 
     runs = {}
-    for c, (dataset_id, _, other) in CASES.items():
-        dataset = datasets[c]
+    for c, other in CASES.items():
+        dataset, dataset_id = datasets[c], ids[c]
         model = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}__{c}')
         plans = _load(os.path.join(model, 'fold_0', 'checkpoint_final.pth'))['init_args']['plans']
         levels = len(plans['configurations'][c]['architecture']['arch_kwargs']['strides']) - 1
@@ -66,17 +65,26 @@ def pipelines(tmp_path_factory):
         images = os.path.join(env['nnUNet_raw'], r['dataset'], 'imagesTs')
         predict = ['nnUNetv2_predict', '-i', images, '-d', str(r['dataset_id']), '-c', r['configuration'], '-tr',
                    'nnUNetTrainerANUNet', '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities']
-        commands += [[*predict, '-o', r['out']['full'], '-p', PLANS],
-                     [*predict, '-o', r['out']['env_pruned'], '-p', PLANS],
-                     [*predict, '-o', r['out']['exported'], '-p', f"{PLANS}L{r['level']}"]]
-        envs += [env, {**env, 'NNUNET_EXT_ANUNET_PRUNE_LEVEL': str(r['level'])}, env]
+        commands.append([*predict, '-o', r['out']['exported'], '-p', f"{PLANS}L{r['level']}"])
+        envs.append(env)
+        if r['configuration'] == '2d':  # the export against the full model pruned on the fly: in 2d (the same code in 3d)
+            commands += [[*predict, '-o', r['out']['full'], '-p', PLANS], [*predict, '-o', r['out']['env_pruned'], '-p', PLANS]]
+            envs += [env, {**env, 'NNUNET_EXT_ANUNET_PRUNE_LEVEL': str(r['level'])}]
     paper = runs['2d']
     paper['paper_out'] = os.path.join(root, '2d', 'paper')
     commands.append(['nnUNetv2_predict', '-i', os.path.join(env['nnUNet_raw'], paper['dataset'], 'imagesTs'),
                      '-o', paper['paper_out'], '-d', str(paper['dataset_id']), '-c', '2d', '-tr', PAPER, '-p', PLANS,
                      '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'])
     envs.append(env)
-    run_parallel(commands, env, envs=envs)
+    # the user errors of `nnunet-ext prune` (2d model) in the same round: levels out of range, an existing output
+    bad = os.path.join(root, '2d', 'bad_export')
+    refusals = [['nnunet-ext', 'prune', paper['model'], '--level', str(level), '-o', bad]
+                for level in (0, paper['levels'] + 1)]
+    refusals.append(['nnunet-ext', 'prune', paper['model'], '--level', '1', '-o', paper['export']])
+    results = run_parallel([*refusals, *commands], env, envs=[env] * len(refusals) + envs, check=False)
+    for command, result in zip(commands, results[len(refusals):]):
+        assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-6000:]}"
+    paper['bad_export'], paper['refused'] = bad, results[:len(refusals)]
     return runs
 
 
@@ -123,8 +131,8 @@ def test_export_holds_only_the_kept_levels_weights(pipeline):
     assert f'level {level} of {pipeline["levels"]}' in pipeline['pruned_log']
 
 
-def test_exported_model_predicts_exactly_what_the_pruned_full_model_predicts(pipeline):
-    out = pipeline['out']
+def test_exported_model_predicts_exactly_what_the_pruned_full_model_predicts(pipelines):
+    out = pipelines['2d']['out']
     env_pruned, exported, full = (_probabilities(out[k]) for k in ('env_pruned', 'exported', 'full'))
     assert sorted(exported) == sorted(env_pruned) == sorted(full)
     for case in exported:
@@ -134,20 +142,24 @@ def test_exported_model_predicts_exactly_what_the_pruned_full_model_predicts(pip
         assert not np.allclose(exported[case], full[case], atol=1e-4)
 
 
-def test_bad_levels_are_refused_and_nothing_is_written(pipeline):
-    if pipeline['configuration'] != '2d':
-        pytest.skip('checked once')
-    target = os.path.join(pipeline['root'], 'bad_export')
-    for level in (0, pipeline['levels'] + 1):
-        result = run(['nnunet-ext', 'prune', pipeline['model'], '--level', str(level), '-o', target],
-                     pipeline['env'], check=False)
+def test_exported_model_predicts_label_maps_on_the_input_grids(pipeline):
+    images = os.path.join(pipeline['env']['nnUNet_raw'], pipeline['dataset'], 'imagesTs')
+    assert_label_maps_on_input_grids(images, {'exported': pipeline['out']['exported']})
+    for probabilities in _probabilities(pipeline['out']['exported']).values():
+        assert np.isfinite(probabilities).all()
+        np.testing.assert_allclose(probabilities.sum(0), 1, atol=1e-4)
+
+
+def test_bad_levels_are_refused_and_nothing_is_written(pipelines):
+    run2d = pipelines['2d']
+    *out_of_range, existing = run2d['refused']
+    for result in out_of_range:
         assert result.returncode == 2, result.stderr
-        assert f"has levels 1..{pipeline['levels']}" in result.stderr and 'Traceback' not in result.stderr
-        assert not os.path.exists(target)
-        assert not glob.glob(os.path.join(pipeline['root'], '.prune_*'))
-    result = run(['nnunet-ext', 'prune', pipeline['model'], '--level', '1', '-o', pipeline['export']],
-                 pipeline['env'], check=False)
-    assert result.returncode == 2 and 'exists' in result.stderr
+        assert f"has levels 1..{run2d['levels']}" in result.stderr and 'Traceback' not in result.stderr
+    assert not os.path.exists(run2d['bad_export'])
+    assert not glob.glob(os.path.join(os.path.dirname(run2d['bad_export']), '.prune_*'))
+    assert not glob.glob(os.path.join(os.path.dirname(run2d['export']), '.prune_*'))
+    assert existing.returncode == 2 and 'exists' in existing.stderr and 'Traceback' not in existing.stderr
 
 
 def test_the_papers_network_is_trained_and_predicts(pipelines):

@@ -71,7 +71,7 @@ def stacked(tmp_path_factory):
     log = run(['nnunet-ext', 'stack-slices', str(SOURCE_ID), '--id', str(STACKED_ID), '-np', '1'], env)
     dataset = 'Dataset322_SlicePhantom_3slices'
     run(['nnUNetv2_plan_and_preprocess', '-d', str(STACKED_ID), '-c', '2d', '--verify_dataset_integrity',
-         '-np', '2', '-npfp', '2'], {**env, 'nnUNet_n_proc_DA': '1'})
+         '-np', '1', '-npfp', '1'], {**env, 'nnUNet_n_proc_DA': '1'})
     run(['nnUNetv2_train', str(STACKED_ID), '2d', '0', '-tr', TRAINER, '-device', 'cpu'],
         {**env, **MLL_TRAINING, 'nnUNet_n_proc_DA': '0'})
     with open(os.path.join(env['nnUNet_preprocessed'], dataset, 'splits_final.json'), encoding='utf-8') as f:
