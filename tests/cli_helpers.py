@@ -74,12 +74,13 @@ def run_parallel(commands: Sequence[Sequence[str]], env: Dict[str, str], workers
 
 
 def planned_phantom(env: Dict[str, str], dataset_id: int, name: str, configuration: str, shape: Sequence[int],
-                    prepare: Optional[Callable[[str], None]] = None, planner: Optional[str] = None) -> str:
-    """Writes a 5 + 2 case phantom dataset (``prepare(dataset_folder)`` may edit it), then runs the stock
+                    prepare: Optional[Callable[[str], None]] = None, planner: Optional[str] = None,
+                    num_train: int = 5) -> str:
+    """Writes a ``num_train`` + 2 case phantom dataset (``prepare(dataset_folder)`` may edit it), then runs the stock
     ``nnUNetv2_plan_and_preprocess`` for one configuration (or, with ``planner``, ``nnunet-ext plan -pl
     PLANNER``, as README tells users for our planners). Returns the dataset's folder name."""
     from nnunet_ext.demo.phantom import write_phantom_dataset
-    write_phantom_dataset(env['nnUNet_raw'], dataset_id, name, num_train=5, num_test=2, shape=shape,
+    write_phantom_dataset(env['nnUNet_raw'], dataset_id, name, num_train=num_train, num_test=2, shape=shape,
                           seed=dataset_id, progress=False)
     dataset = f'Dataset{dataset_id:03d}_{name}'
     if prepare is not None:
@@ -125,8 +126,9 @@ def assert_refused(result: subprocess.CompletedProcess, pattern: str, raw_folder
     assert os.listdir(raw_folder) == [], os.listdir(raw_folder)
 
 
-#: configuration -> (dataset id, phantom shape) of the planned phantoms shared by the stock-CLI tests
-STOCK_PHANTOMS = {'2d': (201, (48, 48)), '3d_fullres': (202, (12, 32, 32))}
+#: configuration -> (dataset id, phantom shape, training cases) of the planned phantoms shared by the stock-CLI
+#: tests; ten in 2d: two validation cases per fold of nnU-Net's 5-fold split (test_compare_cli.py pairs them)
+STOCK_PHANTOMS = {'2d': (201, (48, 48), 10), '3d_fullres': (202, (12, 32, 32), 5)}
 
 
 #: plans made on the stock phantoms besides nnU-Net's default ``nnUNetPlans``: our planner -> its plans
@@ -134,8 +136,9 @@ STOCK_PHANTOM_EXTRA_PLANS = {'ANUNetPlanner': 'nnUNetPlansANUNet'}
 
 
 def _plan_stock_phantom(env: Dict[str, str], configuration: str) -> str:
-    dataset_id, shape = STOCK_PHANTOMS[configuration]
-    dataset = planned_phantom(env, dataset_id, f'StockPhantom{configuration.replace("_", "")}', configuration, shape)
+    dataset_id, shape, num_train = STOCK_PHANTOMS[configuration]
+    dataset = planned_phantom(env, dataset_id, f'StockPhantom{configuration.replace("_", "")}', configuration, shape,
+                              num_train=num_train)
     for planner in STOCK_PHANTOM_EXTRA_PLANS:  # the fingerprint is reused
         run(['nnunet-ext', 'plan', str(dataset_id), '-pl', planner, '--no_pbar', '-c', configuration, '-np', '1',
              '-npfp', '1'], {**env, 'nnUNet_n_proc_DA': '1'})  # the planner fails with 0

@@ -8,7 +8,8 @@ label map exactly; the refinement loop with fake predictors (a perfect fine mode
 positive and converges in round 2; a drifting one stops at the maximum; an empty one stops). CLI part
 (marked cli): a tiny 3D liver+tumour phantom in the LiTS layout -> ``convert lits`` three times (full,
 ``--crop-to-label liver``, and ``--crop-to-label liver --crop-keep liver tumor`` for coarse-to-fine) ->
-the stock plan_and_preprocess (all at once) and nnUNetv2_train (ResUNet, 3 iterations, in parallel) ->
+the stock plan_and_preprocess (all at once, with ``--verify_dataset_integrity``: converted datasets pass
+nnU-Net's integrity check and preprocessing) and nnUNetv2_train (ResUNet, 3 iterations, in parallel) ->
 ``cascade-predict`` with the liver model, with reference liver masks, and coarse-to-fine with
 ``--refine 3``. Models trained for 3 iterations find nothing reliably, so the CLI part checks geometry,
 the consistency of the fusion with the stage-1 masks (tumour only inside the liver box, liver exactly

@@ -1,9 +1,10 @@
 """``nnunet-ext compare`` end to end: the tiny 2D phantom planned by the stock command (shared with the
 stock-CLI tests, ``stock_phantoms``, whose other trainers' results the report must leave out: ``-tr``),
-nnUNetTrainer and nnUNetTrainerGODCOnly trained on folds 0 and 1 (test-sized), then the console script on
-folds 0 1 2 (fold 2 was never trained: it must be reported). The numbers are checked against Dice computed here with numpy
-from the arrays of the validation folders and gt_segmentations (and against nnU-Net's own validation
-summary), the Wilcoxon p against scipy on the same pairs, the plots as PNG files."""
+nnUNetTrainer and nnUNetTrainerGODCOnly trained on fold 0 (test-sized; two validation cases: the phantom has
+ten training cases), then the console script on folds 0 1 (fold 1 was never trained: it must be reported).
+The numbers are checked against Dice computed here with numpy from the arrays of the validation folders and
+gt_segmentations (and against nnU-Net's own validation summary), the Wilcoxon p against scipy on the same
+pairs, the plots as PNG files."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.cli
 
 OTHER = 'nnUNetTrainerGODCOnly'  # trained on the shared phantom by no other test
 TRAINERS = ('nnUNetTrainer', OTHER)
-FOLDS = (0, 1)
+FOLDS = (0,)  # trained; compare also asks for fold 1
 CLASSES = {'liver': 1, 'tumour': 2}
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -51,12 +52,12 @@ def _train_command(dataset_id: int, trainer: str, fold: int):
 @pytest.fixture(scope='module')
 def compared(stock_phantoms):
     env, dataset_id, dataset = (stock_phantoms['2d'][k] for k in ('env', 'dataset_id', 'dataset'))
-    # one export worker for the final validation (one case per fold): spawning a second costs ~8 s of imports
+    # one export worker for the final validation (two cases): spawning a second costs ~8 s of imports
     run_parallel([_train_command(dataset_id, t, f) for t in TRAINERS for f in FOLDS],
                  {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0', 'nnUNet_def_n_proc': '1'})
     with ThreadPoolExecutor(max_workers=2) as pool:  # independent: the report, and a user error
         report = pool.submit(run, ['nnunet-ext', 'compare', str(dataset_id), '-c', '2d', '-tr', *TRAINERS, '-f', '0',
-                                   '1', '2', '--no_pbar'], env)
+                                   '1', '--no_pbar'], env)
         refused = pool.submit(run, ['nnunet-ext', 'compare', str(dataset_id), '-c', '3d_fullres', '--no_pbar'], env,
                               False)
         result, refused = report.result(), refused.result()
@@ -97,12 +98,12 @@ def _own_dice(compared):
 def test_missing_fold_is_reported(compared):
     stderr = compared['result'].stderr
     for trainer in TRAINERS:
-        assert re.search(rf'{trainer} fold 2: missing \(no folder', stderr), stderr
-        assert f'{trainer} fold 2: missing' in '\n'.join(compared['content']['problems'])
+        assert re.search(rf'{trainer} fold 1: missing \(no folder', stderr), stderr
+        assert f'{trainer} fold 1: missing' in '\n'.join(compared['content']['problems'])
     assert len(compared['content']['problems']) == 2, compared['content']['problems']
     markdown = open(os.path.join(compared['out'], 'report.md'), encoding='utf-8').read()
-    assert f'{OTHER} fold 2: missing' in markdown
-    assert re.search(r'^\| nnUNetTrainer \| liver \| [\d.]+ \| [\d.]+ \| missing \|', markdown, re.M), markdown
+    assert f'{OTHER} fold 1: missing' in markdown
+    assert re.search(r'^\| nnUNetTrainer \| liver \| [\d.]+ \| missing \|', markdown, re.M), markdown
 
 
 def test_user_error_exit_code_and_nothing_written(compared):
@@ -134,10 +135,10 @@ def test_report_numbers_equal_own_per_case_dice(compared):
             values = np.array([v for v in expected.values() if not np.isnan(v)])
             stats = content['per_trainer'][trainer]['per_class'][name]['Dice']
             assert stats['mean'] == pytest.approx(values.mean()) and stats['std'] == pytest.approx(values.std())
-            cell = re.search(rf'^\| {trainer} \| {name} \| 0 1 \| 2 \| ([\d.]+) ± ([\d.]+)', markdown, re.M)
+            cell = re.search(rf'^\| {trainer} \| {name} \| 0 \| 2 \| ([\d.]+) ± ([\d.]+)', markdown, re.M)
             assert cell, markdown
             assert (float(cell.group(1)), float(cell.group(2))) == (round(values.mean(), 4), round(values.std(), 4))
-            assert f'| {trainer} | {name} | 0 1 | 2 | {cell.group(1)} ± {cell.group(2)}' in compared['result'].stdout
+            assert f'| {trainer} | {name} | 0 | 2 | {cell.group(1)} ± {cell.group(2)}' in compared['result'].stdout
 
 
 def test_wilcoxon_equals_scipy_on_own_pairs(compared):
@@ -174,6 +175,6 @@ def test_report_files_and_plots(compared):
     assert html.startswith('<!DOCTYPE html>') and html.count('data:image/png;base64,') == 2
     curves = compared['content']['curves']
     for trainer in TRAINERS:  # one epoch each: one value per curve, from checkpoint_final.pth
-        assert sorted(curves[trainer]) == ['0', '1']
+        assert sorted(curves[trainer]) == ['0']
         assert all(len(curves[trainer]['0'][k]) == 1 for k in ('train_losses', 'val_losses', 'ema_fg_dice'))
         assert curves[trainer]['0']['checkpoint'].endswith('checkpoint_final.pth')

@@ -243,18 +243,3 @@ def test_msd_image_without_label_is_refused_and_leaves_nothing(tmp_path, env):
     os.remove(os.path.join(task, 'labelsTr', 'prostate_01.nii.gz'))
     result = run(['nnunet-ext', 'convert', 'msd', task, '--id', '506'], env, check=False)
     assert_refused(result, re.escape("images without label ['prostate_01']"), env['nnUNet_raw'])
-
-
-@pytest.mark.cli
-def test_a_converted_dataset_passes_nnunets_integrity_check_and_preprocessing(tmp_path, env):
-    """Convert -> the stock plan_and_preprocess with --verify_dataset_integrity (training a converted LiTS
-    dataset with the stock commands is test_cascade's)."""
-    source = str(tmp_path / 'LiTS')
-    _lits_source(source, cases=(0, 1, 2, 3, 4))  # five cases: nnU-Net's 5-fold split
-    run(['nnunet-ext', 'convert', 'lits', source, '--id', '507', '--window', '-100', '400', '-np', '1'], env)
-    run(['nnUNetv2_plan_and_preprocess', '-d', '507', '--verify_dataset_integrity', '-c', '2d', '-np', '1',
-         '-npfp', '1'], {**env, 'nnUNet_n_proc_DA': '1'})
-    preprocessed = os.path.join(env['nnUNet_preprocessed'], 'Dataset507_LiTS')
-    plans = json.load(open(os.path.join(preprocessed, 'nnUNetPlans.json')))
-    data = os.path.join(preprocessed, plans['configurations']['2d']['data_identifier'])
-    assert len([f for f in os.listdir(data) if f.endswith('.pkl')]) == 5  # every case preprocessed

@@ -31,13 +31,16 @@ GLOBAL_LOSS_TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTra
                         'nnUNetTrainerResUNet', 'nnUNetTrainerResUNetGODCLFAM')
 # the multi-level trainers draw random points (Eq. 10's PointRend sampling): different draws per process
 
-# under DDP: every network class once (a trainer whose network is inside another listed one's is left out:
-# MLL's and GODCOnly's are GODC's (GODCOnly's loss is GODC's without the cross-entropy), UNet++'s is ANU-Net's
-# without gates, IFE curvature's is IFE entropy's module with another score, the plain residual U-Net is inside
-# ResUNetGODCLFAM's), each in the 2d configuration
+# under DDP: every network class once, each in the 2d configuration; left out, a trainer whose network and loss
+# are made of another listed trainer's parts: MLL's and GODCOnly's network is GODC's (GODCOnly's loss is GODC's
+# without the cross-entropy), UNet++'s is ANU-Net's without gates, IFE curvature's is IFE entropy's module with
+# another score, the plain residual U-Net is inside ResUNetGODCLFAM's, LFAMResEnc is nnU-Net's residual encoder
+# with GODCLFAM's alignments, and the ResUNet paper's network is residual units (ResUNetGODCLFAM's) with
+# BatchNorm (ANUNetPaper's)
 DDP_TRAINERS = tuple(n for n in h.TRAINERS if n not in ('nnUNetTrainerMLL', 'nnUNetTrainerGODCOnly',
                                                          'nnUNetTrainerUNetPlusPlus', 'nnUNetTrainerIFECurvature',
-                                                         'nnUNetTrainerResUNet'))
+                                                         'nnUNetTrainerResUNet', 'nnUNetTrainerLFAMResEnc',
+                                                         'nnUNetTrainerResUNetPaper'))
 
 
 @pytest.fixture(autouse=True)

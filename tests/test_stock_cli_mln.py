@@ -17,7 +17,7 @@ from cli_helpers import SHORT_TRAINING, STOCK_PHANTOMS, run_parallel
 
 pytestmark = pytest.mark.cli
 
-CASES = dict(STOCK_PHANTOMS)  # configuration -> (dataset id, shape) of the shared phantoms
+CASES = dict(STOCK_PHANTOMS)  # configuration -> (dataset id, shape, training cases) of the shared phantoms
 TRAINER = 'nnUNetTrainerMLN'
 
 
@@ -28,9 +28,9 @@ def mln_runs(stock_phantoms, tmp_path_factory):
     datasets = {c: stock_phantoms[c]['dataset'] for c in CASES}
     train_env = {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'}
     run_parallel([['nnUNetv2_train', str(i), c, '0', '-tr', TRAINER, '-device', 'cpu']
-                  for c, (i, _) in CASES.items()], train_env)
+                  for c, (i, _, _) in CASES.items()], train_env)
     runs = {}
-    for c, (i, _) in CASES.items():
+    for c, (i, _, _) in CASES.items():
         results = os.path.join(env['nnUNet_results'], datasets[c], f'{TRAINER}__nnUNetPlans__{c}', 'fold_0')
         with open(sorted(glob.glob(os.path.join(results, 'training_log_*.txt')))[-1], encoding='utf-8') as f:
             log = f.read()
@@ -38,7 +38,7 @@ def mln_runs(stock_phantoms, tmp_path_factory):
                        predictions=os.path.join(root, f'predictions_{c}'))
     run_parallel([['nnUNetv2_predict', '-i', runs[c]['images'], '-o', runs[c]['predictions'], '-d', str(i), '-c', c,
                    '-tr', TRAINER, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0']
-                  for c, (i, _) in CASES.items()], env)
+                  for c, (i, _, _) in CASES.items()], env)
     return runs
 
 
