@@ -91,7 +91,8 @@ def single_process_gradients(name: str, state: dict, batch: dict) -> dict:
 # networks whose 3D training graph (aot_eager, fullgraph, backward) a dedicated test compiles already:
 # test_anunet_godc_gpu_readiness.py (ANU-Net), test_mll_mln_device_readiness.py (MLN), test_ife_compile.py (IFE,
 # both scores); the residual encoders with deformable skips: their 3D deformable alignment is GODCLFAM's (compiled
-# here in 3D), their encoders are plain convolutions (trained compiled in 2D by the DDP test)
+# here in 3D), their encoders are nnU-Net's residual encoder (LFAMResEnc: nnU-Net compiles it on CUDA itself) and our
+# pre-activation units (ResUNetGODCLFAM: trained compiled in 2D by the DDP test)
 TRAINING_GRAPH_3D_TESTED_ELSEWHERE = ('nnUNetTrainerANUNet', 'nnUNetTrainerMLN', 'nnUNetTrainerIFECurvature',
                                       'nnUNetTrainerGODCIFEEntropy', 'nnUNetTrainerLFAMResEnc',
                                       'nnUNetTrainerResUNetGODCLFAM')

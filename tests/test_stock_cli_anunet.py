@@ -1,9 +1,9 @@
-"""ANU-Net through the command line, as README tells users to run it, on the tiny 2D and 3D phantoms shared by the stock-CLI tests:
-``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net) -> stock
-prediction of the model folder ``nnunet-ext prune`` exported for a level; in 2d also of the full model and
-of the level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL (the export must predict exactly the same), and
-``prune``'s user errors; in 2d also the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512, whatever the plans say),
-trained and predicted (the predictor rebuilds it and loads it strictly)."""
+"""ANU-Net through the command line, as README tells users to run it, on the tiny 2D and 3D phantoms shared
+by the stock-CLI tests: ``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net) ->
+stock prediction of the model folder ``nnunet-ext prune`` exported for a level; in 2d also of the full
+model and of the level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL (the export must predict exactly the same),
+``prune``'s user errors, and the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512,
+whatever the plans say), trained and predicted (the predictor rebuilds it and loads it strictly)."""
 from __future__ import annotations
 
 import glob
@@ -67,8 +67,9 @@ def pipelines(stock_phantoms, tmp_path_factory):
                    'nnUNetTrainerANUNet', '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities']
         commands.append([*predict, '-o', r['out']['exported'], '-p', f"{PLANS}L{r['level']}"])
         envs.append(env)
-        if r['configuration'] == '2d':  # the export against the full model pruned on the fly: in 2d (the same code in 3d)
-            commands += [[*predict, '-o', r['out']['full'], '-p', PLANS], [*predict, '-o', r['out']['env_pruned'], '-p', PLANS]]
+        if r['configuration'] == '2d':  # the export against the full model pruned on the fly (the same code in 3d)
+            commands += [[*predict, '-o', r['out']['full'], '-p', PLANS],
+                         [*predict, '-o', r['out']['env_pruned'], '-p', PLANS]]
             envs += [env, {**env, 'NNUNET_EXT_ANUNET_PRUNE_LEVEL': str(r['level'])}]
     paper = runs['2d']
     paper['paper_out'] = os.path.join(root, '2d', 'paper')
