@@ -19,8 +19,8 @@ from trainer_helpers import plan_phantom  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     """The modules with tests marked ``cli`` (minutes each: stock nnU-Net commands in subprocesses) first,
     then the others, each module's tests together and in their order: pytest-xdist hands modules out in
-    this order (``--dist loadfile --no-loadscope-reorder``), so the long ones start early and the short ones fill the end, and
-    neither worker waits alone on a long module at the end of the run."""
+    this order (``--dist loadfile --no-loadscope-reorder``), so the long ones start early and the short
+    ones fill the end, and neither worker waits alone on a long module at the end of the run."""
     cli_modules = {item.nodeid.split('::')[0] for item in items if item.get_closest_marker('cli')}
     items.sort(key=lambda item: item.nodeid.split('::')[0] not in cli_modules)  # stable
 
