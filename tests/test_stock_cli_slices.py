@@ -83,14 +83,13 @@ def stacked(tmp_path_factory):
     predictions = os.path.join(root, 'predictions')
     run(['nnUNetv2_predict', '-i', stacked_images, '-o', predictions, '-d', str(STACKED_ID), '-c', '2d', '-tr', TRAINER,
          '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'], env)
+    results = os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__2d', 'fold_0')
     return dict(env=env, source=source, dataset=dataset, log=log.stdout, new_images=new_images,
                 stacked_images=stacked_images, predictions=predictions, validation_case=validation_case,
-                raw=os.path.join(env['nnUNet_raw'], dataset), training_log=_training_log(env, dataset),
-                results=os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__2d', 'fold_0'))
+                raw=os.path.join(env['nnUNet_raw'], dataset), training_log=_training_log(results), results=results)
 
 
-def _training_log(env, dataset: str) -> str:
-    results = os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__2d', 'fold_0')
+def _training_log(results: str) -> str:
     with open(sorted(glob.glob(os.path.join(results, 'training_log_*.txt')))[-1], encoding='utf-8') as f:
         return f.read()
 
@@ -141,7 +140,6 @@ def test_prediction_agrees_with_the_trainers_validation(stacked):
     np.testing.assert_array_equal(_array(os.path.join(stacked['predictions'], case)),
                                   _array(os.path.join(stacked['results'], 'validation', case)))
     assert_label_maps_on_input_grids(stacked['new_images'], {'2.5D': stacked['predictions']})
-
 
 
 def test_mll_schedule_and_terms_are_logged_per_epoch(stacked):
