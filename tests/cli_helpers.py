@@ -11,8 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts (nnUNetv2_*, nnunet-ext)
 
-# test-sized training: read by our trainers only (nnunet_ext.training.schedule)
-# test-sized training; one export worker for the final validation of the fold's one case (nnU-Net spawns
+# test-sized training, read by our trainers only (nnunet_ext.training.schedule); one export worker for the final validation of the fold's one case (nnU-Net spawns
 # its pool: every further worker costs seconds of imports)
 SHORT_TRAINING = {'nnUNet_ext_num_epochs': '1', 'nnUNet_ext_num_iterations_per_epoch': '3',
                   'nnUNet_ext_num_val_iterations_per_epoch': '2', 'nnUNet_def_n_proc': '1'}
@@ -152,11 +151,24 @@ def plan_stock_phantoms(root: str) -> Dict[str, dict]:
     several trainer families (each adds its own trainer's results folder), so the suite plans them once
     instead of once per family, and before any training (planning rewrites the preprocessed folder's
     ``dataset.json`` and ``gt_segmentations``, which trainings read)."""
-    from concurrent.futures import ThreadPoolExecutor
     env = user_environment(root)
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {c: pool.submit(_plan_stock_phantom, env, c) for c in STOCK_PHANTOMS}
         return {c: dict(env=env, dataset_id=STOCK_PHANTOMS[c][0], dataset=f.result()) for c, f in futures.items()}
+
+
+def assert_preactivation_resunet_fold(fold: str, trainer: str, lfam: bool) -> None:
+    """A fold folder that the stock ``nnUNetv2_train`` wrote for a residual U-Net trainer: ``trainer``'s final
+    checkpoint holds pre-activation units and our decoder (nnU-Net's ``UNetDecoder`` keeps the encoder under
+    ``decoder.encoder.``), LFAM's deformable alignments exactly when ``lfam``, and the fold was validated."""
+    import torch
+    checkpoint = torch.load(os.path.join(fold, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
+    assert checkpoint['trainer_name'] == trainer
+    weights = checkpoint['network_weights']
+    assert any(k.endswith('.norm1.weight') for k in weights)  # pre-activation units
+    assert any(k.startswith('decoder.alignments.') for k in weights) == lfam
+    assert not any(k.startswith('decoder.encoder.') for k in weights)
+    assert os.path.isfile(os.path.join(fold, 'validation', 'summary.json'))
 
 
 def assert_label_maps_on_input_grids(images_folder: str, predictions: Dict[str, str], labels=(0, 1, 2)) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_helpers import SHORT_TRAINING, run, run_parallel, user_environment
+from cli_helpers import SHORT_TRAINING, assert_preactivation_resunet_fold, run, run_parallel, user_environment
 from nnunet_ext.conversion.crop_to_label import RECORD_KEY, bounding_box, margin_in_voxels, resolve_crop_labels
 from nnunet_ext.demo.phantom import make_phantom_case
 from nnunet_ext.errors import UserInputError
@@ -353,18 +353,12 @@ def _check_fusion(output: np.ndarray, stage1: np.ndarray) -> None:
 @pytest.mark.cli
 def test_the_stock_trainer_trains_the_preactivation_resunet_with_the_short_schedule(cascade):
     """The plain residual U-Net's stock-CLI training (its 3D GODC + LFAM variant: test_stock_cli_resunet.py)."""
-    import torch
     for dataset_id, log in zip((LIVER_ID, TUMOUR_ID, FINE_ID), cascade['training_logs']):
         assert 'training length from environment' in log
         dataset = next(d for d in os.listdir(cascade['env']['nnUNet_results']) if d.startswith(f'Dataset{dataset_id}_'))
-        fold = os.path.join(cascade['env']['nnUNet_results'], dataset, f'{TRAINER}__nnUNetPlans__{CONFIGURATION}',
-                            'fold_0')
-        checkpoint = torch.load(os.path.join(fold, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
-        assert checkpoint['trainer_name'] == TRAINER
-        weights = checkpoint['network_weights']
-        assert any(k.endswith('.norm1.weight') for k in weights)  # pre-activation units
-        assert not any(k.startswith('decoder.alignments.') or k.startswith('decoder.encoder.') for k in weights)
-        assert os.path.isfile(os.path.join(fold, 'validation', 'summary.json'))
+        assert_preactivation_resunet_fold(os.path.join(cascade['env']['nnUNet_results'], dataset,
+                                                       f'{TRAINER}__nnUNetPlans__{CONFIGURATION}', 'fold_0'),
+                                          TRAINER, lfam=False)
 
 
 @pytest.mark.cli

@@ -3,7 +3,9 @@ by the stock-CLI tests: ``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv
 stock prediction of the model folder ``nnunet-ext prune`` exported for a level; in 2d also of the full
 model and of the level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL (the export must predict exactly the same),
 ``prune``'s user errors, and the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512,
-whatever the plans say), trained and predicted (the predictor rebuilds it and loads it strictly)."""
+whatever the plans say), trained and predicted (the predictor rebuilds it and loads it strictly). UNet++
+(ANU-Net without gates) is covered by the unit tests and ``test_gpu_readiness.py``, the nested network's GODC
+losses by ``test_anunet_godc_gpu_readiness.py``."""
 from __future__ import annotations
 
 import glob
@@ -19,10 +21,8 @@ pytestmark = pytest.mark.cli
 
 PLANS = 'nnUNetPlansANUNet'
 PAPER = 'nnUNetTrainerANUNetPaper'
-CASES = {  # configuration -> other trainers, on the shared planned phantoms (stock_phantoms)
-    '2d': (),  # UNet++ (ANU-Net without gates): unit tests and test_gpu_readiness.py
-    '3d_fullres': (),  # the nested network's losses: test_anunet_godc_gpu_readiness.py
-}
+TRAINER = 'nnUNetTrainerANUNet'
+CONFIGURATIONS = ('2d', '3d_fullres')  # on the shared planned phantoms (stock_phantoms)
 
 
 def _load(path):
@@ -36,25 +36,25 @@ def pipelines(stock_phantoms, tmp_path_factory):
     ``cli_helpers.STOCK_PHANTOM_EXTRA_PLANS``)."""
     root = str(tmp_path_factory.mktemp('anunet'))
     env = stock_phantoms['2d']['env']  # one user environment holds both phantoms
-    ids = {c: stock_phantoms[c]['dataset_id'] for c in CASES}
-    datasets = {c: stock_phantoms[c]['dataset'] for c in CASES}
+    ids = {c: stock_phantoms[c]['dataset_id'] for c in CONFIGURATIONS}
+    datasets = {c: stock_phantoms[c]['dataset'] for c in CONFIGURATIONS}
     assert STOCK_PHANTOM_EXTRA_PLANS['ANUNetPlanner'] == PLANS
-    jobs = [(c, t) for c, other in CASES.items() for t in ('nnUNetTrainerANUNet', *other)]
+    jobs = [(c, TRAINER) for c in CONFIGURATIONS]
     jobs.append(('2d', PAPER))  # the paper's own network on the same 2d phantom
     run_parallel([['nnUNetv2_train', str(ids[c]), c, '0', '-tr', t, '-p', PLANS, '-device', 'cpu']
                   for c, t in jobs], {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
 
     runs = {}
-    for c, other in CASES.items():
+    for c in CONFIGURATIONS:
         dataset, dataset_id = datasets[c], ids[c]
-        model = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}__{c}')
+        model = os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__{PLANS}__{c}')
         plans = _load(os.path.join(model, 'fold_0', 'checkpoint_final.pth'))['init_args']['plans']
         levels = len(plans['configurations'][c]['architecture']['arch_kwargs']['strides']) - 1
         level = levels - 1
         # the export, named so that the stock nnUNetv2_predict finds it with -p nnUNetPlansANUNetL<level>
-        export = os.path.join(env['nnUNet_results'], dataset, f'nnUNetTrainerANUNet__{PLANS}L{level}__{c}')
+        export = os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__{PLANS}L{level}__{c}')
         runs[c] = dict(configuration=c, env=env, root=os.path.join(root, c), dataset=dataset, dataset_id=dataset_id,
-                       trainers=('nnUNetTrainerANUNet', *other), model=model, export=export, level=level,
+                       model=model, export=export, level=level,
                        levels=levels, plans=plans,
                        out={name: os.path.join(root, c, name) for name in ('full', 'env_pruned', 'exported')})
     logs = run_parallel([['nnunet-ext', 'prune', r['model'], '--level', str(r['level']), '-o', r['export']]
@@ -64,7 +64,7 @@ def pipelines(stock_phantoms, tmp_path_factory):
         r['pruned_log'] = log.stdout
         images = os.path.join(env['nnUNet_raw'], r['dataset'], 'imagesTs')
         predict = ['nnUNetv2_predict', '-i', images, '-d', str(r['dataset_id']), '-c', r['configuration'], '-tr',
-                   'nnUNetTrainerANUNet', '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities']
+                   TRAINER, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0', '--save_probabilities']
         commands.append([*predict, '-o', r['out']['exported'], '-p', f"{PLANS}L{r['level']}"])
         envs.append(env)
         if r['configuration'] == '2d':  # the export against the full model pruned on the fly (the same code in 3d)
@@ -89,7 +89,7 @@ def pipelines(stock_phantoms, tmp_path_factory):
     return runs
 
 
-@pytest.fixture(params=sorted(CASES))
+@pytest.fixture(params=CONFIGURATIONS)
 def pipeline(request, pipelines):
     return pipelines[request.param]
 
@@ -100,18 +100,14 @@ def _probabilities(folder):
     return {os.path.basename(f): np.load(f)['probabilities'] for f in files}
 
 
-def test_planner_plans_the_nested_network_and_both_trainers_train_it(pipeline):
+def test_planner_plans_the_nested_network_and_the_stock_trainer_trains_it(pipeline):
     arch = pipeline['plans']['configurations'][pipeline['configuration']]['architecture']
     assert arch['network_class_name'] == 'nnunet_ext.architectures.anunet.ANUNet'
     assert pipeline['levels'] >= 2
-    for trainer in pipeline['trainers']:
-        folder = os.path.join(pipeline['env']['nnUNet_results'], pipeline['dataset'],
-                              f"{trainer}__{PLANS}__{pipeline['configuration']}")
-        weights = _load(os.path.join(folder, 'fold_0', 'checkpoint_final.pth'))['network_weights']
-        heads = {k.split('.')[2] for k in weights if k.startswith('decoder.heads.')}
-        assert len(heads) == pipeline['levels']  # one full-resolution head per level
-        has_gates = any(k.startswith('decoder.gates.') for k in weights)
-        assert has_gates == (trainer != 'nnUNetTrainerUNetPlusPlus'), trainer
+    weights = _load(os.path.join(pipeline['model'], 'fold_0', 'checkpoint_final.pth'))['network_weights']
+    heads = {k.split('.')[2] for k in weights if k.startswith('decoder.heads.')}
+    assert len(heads) == pipeline['levels']  # one full-resolution head per level
+    assert any(k.startswith('decoder.gates.') for k in weights)  # the attention gates
 
 
 def test_export_holds_only_the_kept_levels_weights(pipeline):
