@@ -28,6 +28,13 @@ class InferenceEntry:
     trainer: str
     level: Optional[int]
     predictor: object
+    mirror_axes: Optional[Tuple[int, ...]] = None  # the trainer's test-time mirroring (None: none)
+
+    @property
+    def mirroring(self) -> str:
+        """The mirrored axes and the passes per tile they cost (``2 ** len(axes)``)."""
+        axes = tuple(self.mirror_axes or ())
+        return f"{', '.join(map(str, axes)) or 'none'} ({2 ** len(axes)})"
 
     @property
     def label(self) -> str:
@@ -68,11 +75,12 @@ def inference_entries(name: str, trainer) -> List[InferenceEntry]:
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                     perform_everything_on_device=True, device=trainer.device, verbose=False,
                                     allow_tqdm=False)
+    axes = trainer.inference_allowed_mirroring_axes
     predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager, None,
-                                    trainer.dataset_json, name, trainer.inference_allowed_mirroring_axes)
+                                    trainer.dataset_json, name, axes)
     if is_prunable(network):
-        return [InferenceEntry(name, level, predictor) for level in range(1, network.max_level + 1)]
-    return [InferenceEntry(name, None, predictor)]
+        return [InferenceEntry(name, level, predictor, axes) for level in range(1, network.max_level + 1)]
+    return [InferenceEntry(name, None, predictor, axes)]
 
 
 def preprocessed_cases(trainer, count: int):

@@ -8,7 +8,9 @@ round (``bench/step_time.py``), then nnU-Net's predictor on the same preprocesse
 (``bench/inference_time.py``), then the peak memory of one training step and of predicting one case
 (``bench/peak_memory.py``: CUDA allocator peak, or on CPU the peak resident-set increase). Ratios are
 against the reference's median in the same group's rounds. A trainer that cannot be built or run is
-listed under "Failures" (the exit code is then 1); the others are measured.
+listed under "Failures" (the exit code is then 1); the others are measured. The papers' own networks
+(``nnUNetTrainerANUNetPaper``, ``nnUNetTrainerResUNetPaper*``) are 2D, and their trainers refuse 3D plans: they
+are listed under "Not run" in 3d_fullres.
 
     python bench/run_all.py                                    # all trainers, 2d and 3d_fullres (long on a CPU)
     python bench/run_all.py -tr nnUNetTrainerGODC --rounds 3   # a quick check
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import traceback
 from importlib.metadata import version
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from tqdm import tqdm
 
@@ -52,6 +54,16 @@ def _ratio(value, reference) -> str:
     return 'n/a' if value is None or not reference else f'{value / reference:.3f}'
 
 
+def not_run_reason(configuration: str, trainer_class: type) -> Optional[str]:
+    """Why a trainer is left out of a configuration, or None: the papers' own networks are 2D (their trainers
+    refuse 3D plans, ``nnunet_ext.training.paper_networks.check_2d``)."""
+    from nnunet_ext.training.paper_networks import PaperANUNetArchitectureMixin, PaperResUNetArchitectureMixin
+    if len(step_time.SHAPES[configuration]) != 2 and \
+            issubclass(trainer_class, (PaperANUNetArchitectureMixin, PaperResUNetArchitectureMixin)):
+        return "the paper's network is 2D (the paper segments slices): the trainer refuses 3D plans"
+    return None
+
+
 def _groups(names: List[str], size: int) -> List[List[str]]:
     return [names[i:i + size] for i in range(0, len(names), size)]
 
@@ -69,13 +81,14 @@ def _build_group(names, dataset_id, configuration, device, reference, failures) 
 
 
 def measure_configuration(configuration: str, dataset_id: int, names: List[str], args, device, meter, failures,
-                          bar) -> dict:
+                          bar, not_run: Dict[str, str]) -> dict:
+    """``names`` measured in ``configuration``; ``not_run`` (trainer -> reason) is recorded with the results."""
     step_time.prepare_dataset(dataset_id, configuration)
     reference = step_time.build_trainer(REFERENCE, dataset_id, configuration, device)
     batches = step_time.reference_batches(reference, args.rounds + args.warmup)
     cases = inference_time.preprocessed_cases(reference, args.inference_cases)
     out = dict(patch=list(reference.configuration_manager.patch_size), batch=reference.batch_size,
-               case_shapes=[list(c.shape[1:]) for c in cases], steps=[], inference=[], pipeline={})
+               case_shapes=[list(c.shape[1:]) for c in cases], steps=[], inference=[], pipeline={}, not_run=not_run)
     for group in _groups(names, args.group):
         trainers = _build_group(group, dataset_id, configuration, device, reference, failures)
         try:
@@ -102,6 +115,7 @@ def measure_configuration(configuration: str, dataset_id: int, names: List[str],
             if entry.trainer == REFERENCE and out['inference']:
                 continue
             out['inference'].append(dict(label=entry.label, trainer=entry.trainer, level=entry.level,
+                                         mirroring=entry.mirroring,
                                          median=seconds[entry.label], reference=seconds[reference_entry],
                                          peak=inference_peaks.get(entry.label)))
     return out
@@ -139,24 +153,30 @@ def results_markdown(results: Dict[str, dict], args, device, method: str, comman
              f'- peak memory: {method}', '',
              'Training step: nnU-Net\'s `train_step` (forward, loss, backward, optimizer step) on the same batches '
              'from the reference\'s data loader, same initial weights where the networks share them. Inference: '
-             'nnU-Net\'s `nnUNetPredictor.predict_sliding_window_return_logits` (tile step 0.5, Gaussian, mirroring) '
-             'on the same preprocessed cases, network rebuilt without deep supervision with the trainer\'s weights '
-             '(as initialised). Ratios: median / the reference\'s median in the same rounds (> 1: slower).', '']
+             'nnU-Net\'s `nnUNetPredictor.predict_sliding_window_return_logits` (tile step 0.5, Gaussian) on the same '
+             'preprocessed cases, network rebuilt without deep supervision with the trainer\'s weights (as '
+             'initialised), mirrored over the trainer\'s `inference_allowed_mirroring_axes`, as `nnUNetv2_predict` '
+             'would predict with its checkpoint: each mirrored axis doubles the passes per tile, and a paper recipe '
+             'predicts with the mirroring it trains with (column "mirror axes (passes)"; the recipes\' ratios '
+             'below 1 are fewer passes, not a faster network). Ratios: median / the reference\'s median in the '
+             'same rounds (> 1: slower).', '']
     for configuration, r in results.items():
         lines += [f'## {configuration}: patch {r["patch"]}, batch {r["batch"]}, inference cases {r["case_shapes"]}', '',
                   '| trainer | median step s | nnUNetTrainer step s | step ratio | step peak MiB |',
                   '|---|---|---|---|---|']
         lines += [f'| {s["trainer"]} | {s["median"]:.4f} | {s["reference"]:.4f} | {_ratio(s["median"], s["reference"])} '
                   f'| {_fmt(s["peak"], ".0f")} |' for s in r['steps']]
-        lines += ['', '| network (prune level) | median s per case | nnUNetTrainer s per case | inference ratio | '
-                      'inference peak MiB |', '|---|---|---|---|---|']
-        lines += [f'| {i["label"]} | {i["median"]:.4f} | {i["reference"]:.4f} | {_ratio(i["median"], i["reference"])} '
-                  f'| {_fmt(i["peak"], ".0f")} |' for i in r['inference']]
+        lines += ['', '| network (prune level) | mirror axes (passes) | median s per case | nnUNetTrainer s per case '
+                      '| inference ratio | inference peak MiB |', '|---|---|---|---|---|---|']
+        lines += [f'| {i["label"]} | {i["mirroring"]} | {i["median"]:.4f} | {i["reference"]:.4f} '
+                  f'| {_ratio(i["median"], i["reference"])} | {_fmt(i["peak"], ".0f")} |' for i in r['inference']]
         for name, s in r['pipeline'].items():
             lines.append(f'\n{name}: signed distance maps {s:.4f} s per batch in the data pipeline (per sample in the '
                          f'augmentation workers in real training, not in the step)')
         lines.append('')
-    lines += ['## Failures', '']
+    lines += ['## Not run', '']
+    lines += [f'- {c} {n}: {reason}' for c, r in results.items() for n, reason in r['not_run'].items()] or ['none']
+    lines += ['', '## Failures', '']
     lines += [f'- {c} {n} ({stage}): {message}' for c, n, stage, message, _ in failures] or ['none']
     return '\n'.join(lines) + '\n'
 
@@ -201,7 +221,8 @@ def main(argv=None) -> int:
     import torch
     from nnunet_ext.registry import trainer_classes
     warnings.filterwarnings('ignore', category=FutureWarning)
-    known = list(trainer_classes())
+    classes = trainer_classes()
+    known = list(classes)
     names = args.tr or known
     unknown = [n for n in names if n not in known and n != REFERENCE]
     if unknown:
@@ -216,13 +237,16 @@ def main(argv=None) -> int:
               f'results. Run on an idle machine, or pass --force.', file=sys.stderr)
         return 3
     failures, results = [], {}
-    per_configuration = len(_groups(names, args.group)) * (args.warmup + args.rounds + 1 + args.inference_rounds)
+    not_run = {c: {n: reason for n in names if (reason := not_run_reason(c, classes[n]))} for c in args.c}
+    measured = {c: [n for n in names if n not in not_run[c]] for c in args.c}
+    rounds = sum(len(_groups(measured[c], args.group)) for c in args.c) * \
+        (args.warmup + args.rounds + 1 + args.inference_rounds)
     with tempfile.TemporaryDirectory(prefix='nnunet_ext_bench_') as root, \
-            tqdm(total=per_configuration * len(args.c), desc='bench rounds', disable=args.no_pbar) as bar:
+            tqdm(total=rounds, desc='bench rounds', disable=args.no_pbar) as bar:
         step_time.setup_environment(root)
         for i, configuration in enumerate(args.c):
-            results[configuration] = measure_configuration(configuration, 980 + i, names, args, device, meter,
-                                                           failures, bar)
+            results[configuration] = measure_configuration(configuration, 980 + i, measured[configuration], args,
+                                                           device, meter, failures, bar, not_run[configuration])
     seconds = (datetime.datetime.now() - started).total_seconds()
     after = uptime()
     text = results_markdown(results, args, device, method, command, failures, started, seconds, load, (before, after))

@@ -1,5 +1,6 @@
 """Smoke tests of the bench entry points (no benchmark is run): their command lines parse and refuse bad
-options, and the CPU peak-memory meter sees an allocation of known size."""
+options, run_all's choice of what to run and its mirroring column, and the CPU peak-memory meter sees an
+allocation of known size."""
 from __future__ import annotations
 
 import os
@@ -73,6 +74,21 @@ def test_run_all_refuses_a_loaded_machine_and_writes_nothing(tmp_path, monkeypat
     assert run_all.overloaded(cores + 0.01) and not run_all.overloaded(cores)
     assert not run_all.overloaded(cores + 0.2, own_load=0.25 * cores) and run_all.overloaded(cores * 1.3, 0.25 * cores)
     assert 'load average' in run_all.uptime()
+
+
+def test_run_all_leaves_only_the_papers_2d_networks_out_of_3d_and_names_the_mirroring():
+    """The papers' own networks refuse 3D plans (their trainers' check): run_all lists them under "Not run"
+    in 3d_fullres instead of failing on them; every trainer runs in 2d. The inference table's mirroring
+    column: the axes and 2 ** len(axes) passes per tile."""
+    from nnunet_ext.registry import trainer_classes
+    run_all = _run_all_module()
+    classes = trainer_classes()
+    left_out = {n for n, c in classes.items() if run_all.not_run_reason('3d_fullres', c)}
+    assert left_out == {'nnUNetTrainerANUNetPaper', 'nnUNetTrainerResUNetPaper', 'nnUNetTrainerResUNetPaperRecipe'}
+    assert not any(run_all.not_run_reason('2d', c) for c in classes.values())
+    entry = run_all.inference_time.InferenceEntry
+    assert entry('t', None, None, (0, 1, 2)).mirroring == '0, 1, 2 (8)'
+    assert entry('t', 2, None, None).mirroring == 'none (1)'
 
 
 def test_pyradiomics_slices_keeps_the_tumour_slices_and_their_margin(tmp_path):
