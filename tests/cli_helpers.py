@@ -11,8 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts (nnUNetv2_*, nnunet-ext)
 
-# test-sized training, read by our trainers only (nnunet_ext.training.schedule); one export worker for the final validation of the fold's one case (nnU-Net spawns
-# its pool: every further worker costs seconds of imports)
+# test-sized training, read by our trainers only (nnunet_ext.training.schedule); one export worker for the
+# final validation of the fold's one case (nnU-Net spawns its pool: every further worker costs seconds of imports)
 SHORT_TRAINING = {'nnUNet_ext_num_epochs': '1', 'nnUNet_ext_num_iterations_per_epoch': '3',
                   'nnUNet_ext_num_val_iterations_per_epoch': '2', 'nnUNet_def_n_proc': '1'}
 

@@ -54,8 +54,7 @@ def pipelines(stock_phantoms, tmp_path_factory):
         # the export, named so that the stock nnUNetv2_predict finds it with -p nnUNetPlansANUNetL<level>
         export = os.path.join(env['nnUNet_results'], dataset, f'{TRAINER}__{PLANS}L{level}__{c}')
         runs[c] = dict(configuration=c, env=env, root=os.path.join(root, c), dataset=dataset, dataset_id=dataset_id,
-                       model=model, export=export, level=level,
-                       levels=levels, plans=plans,
+                       model=model, export=export, level=level, levels=levels, plans=plans,
                        out={name: os.path.join(root, c, name) for name in ('full', 'env_pruned', 'exported')})
     logs = run_parallel([['nnunet-ext', 'prune', r['model'], '--level', str(r['level']), '-o', r['export']]
                          for r in runs.values()], env)
