@@ -14,6 +14,7 @@ from nnunet_ext.losses import GODCLoss
 from nnunet_ext.losses.hybrid import HybridLoss
 from nnunet_ext.plans.anunet_planners import ANUNetPlanner
 from nnunet_ext.trainers.anunet_trainers import (nnUNetTrainerANUNet, nnUNetTrainerANUNetDiceCE,
+                                                 nnUNetTrainerANUNetPaper,
                                                  nnUNetTrainerANUNetGODC, nnUNetTrainerUNetPlusPlus)
 from nnunet_ext.trainers.godc_trainers import nnUNetTrainerGODC
 from trainer_helpers import DATASET_JSON_VARIANTS, DATASET_ID, batch, make_trainer
@@ -65,8 +66,8 @@ def test_hybrid_loss_is_the_mean_of_eq_8_over_the_heads(planned, variant):
     lm = trainer.label_manager
     outputs, targets = batch(trainer, batch_size=2)
     value = trainer._build_loss()(outputs, targets)
-    hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=0.25, gamma=2, margin=0.05, smooth=1,
-                        batch_dice=trainer.configuration_manager.batch_dice)
+    hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=0.5, gamma=2, margin=0.05, smooth=1,
+                        batch_dice=trainer.configuration_manager.batch_dice, modulation='hardness')
     per_head = [hybrid(o, t, m) for o, (t, m) in zip(outputs, _masked(targets, lm))]
     assert len(per_head) == len(trainer._get_deep_supervision_scales()) > 1
     expected = sum(per_head) / len(per_head)
@@ -83,6 +84,7 @@ def test_hybrid_loss_settings_come_from_the_plans_and_class_attributes(planned):
     assert hybrid.batch_dice == trainer.configuration_manager.batch_dice
     assert hybrid.ddp == trainer.is_ddp  # global batch Dice under DDP, as nnU-Net's own Dice
     assert hybrid.bce_normalization == 'weights' and not hybrid.check_values
+    assert (hybrid.alpha, hybrid.gamma, hybrid.modulation) == (0.5, 2.0, 'hardness')
 
     class Literal(nnUNetTrainerANUNet):
         hybrid_bce_normalization = 'voxels'
@@ -92,6 +94,57 @@ def test_hybrid_loss_settings_come_from_the_plans_and_class_attributes(planned):
     outputs = [torch.zeros_like(o, requires_grad=True) for o in outputs]  # every voxel at Y = 1/3
     ratio = literal._build_loss()(outputs, targets).item() / trainer._build_loss()(outputs, targets).item()
     assert ratio > 5  # Eq. 8's voxel mean carries |1/3 - 1/2|^-2 = 36 on its BCE term
+
+
+class _Eq8Literal(nnUNetTrainerANUNet):
+    """The hybrid loss as it was until issue 26: Eq. 8's |Y - 0.5|^-gamma everywhere, RetinaNet's alpha 0.25."""
+    hybrid_modulation = 'literal'
+    hybrid_alpha = 0.25
+
+
+def _confidently_wrong_patch(uncertain: float, regions: bool):
+    """A 64^2 patch as a network that predicts background everywhere sees it: 8 % of the voxels are class 2
+    (a small object), predicted at P = 0.02; the rest is background, predicted right at P(background) =
+    0.96, except a fraction ``uncertain`` of it predicted 0.45 for class 1. Returns (logits, target, object
+    mask). Regions: sigmoid logits of the two regions (class 2 lies in both), 0.02 / 0.45 likewise."""
+    n, fg = 64 * 64, int(0.08 * 64 * 64)
+    unsure = slice(fg, fg + int(uncertain * n))
+    labels = torch.zeros(n, dtype=torch.long)
+    labels[:fg] = 2
+    if regions:
+        p = torch.full((2, n), 0.02, dtype=torch.float64)
+        p[0, unsure] = 0.45
+        logits = (p / (1 - p)).log()
+        target = torch.stack([labels >= 1, labels == 2]).double()
+    else:
+        p = torch.tensor([0.96, 0.02, 0.02], dtype=torch.float64)[:, None].repeat(1, n)
+        p[:, unsure] = torch.tensor([0.53, 0.45, 0.02], dtype=torch.float64)[:, None]
+        logits = p.log()
+        target = labels[None].double()
+    return logits.view(1, -1, 64, 64).requires_grad_(), target.view(1, -1, 64, 64), (labels == 2).view(64, 64)
+
+
+@pytest.mark.parametrize('variant', ['labels', 'regions'])
+def test_hybrid_loss_learns_from_confidently_wrong_object_voxels_like_cross_entropy(planned, variant):
+    """Issue 26's failure without real data: a network that has settled on background (every object voxel
+    at P = 0.02) must be pushed back towards the object at least as hard as cross-entropy pushes it
+    (closed form: CE's mean over N voxels gives each object logit -(1 - P)/N), also when part of the
+    background is uncertain. Eq. 8's literal weighting gives those voxels ~100x less weight than the
+    uncertain ones and fails this (measured 0.75x CE without uncertain voxels, 0.34x with 20 %); so did
+    ANU-Net's training on real polyp images, whose pseudo-Dice stayed 0 while nnU-Net's left 0."""
+    channel = 1 if variant == 'regions' else 2  # the object's logit: region 'tumour' / class 2
+    ce_gradient = -(1 - 0.02) / (64 * 64)
+    for cls in (nnUNetTrainerANUNet, nnUNetTrainerUNetPlusPlus, nnUNetTrainerANUNetPaper, _Eq8Literal):
+        loss = make_trainer(cls, planned, variant)._build_output_loss()
+        ratios = []
+        for uncertain in (0.0, 0.05, 0.2):
+            logits, target, obj = _confidently_wrong_patch(uncertain, variant == 'regions')
+            gradient, = torch.autograd.grad(loss(logits, target), logits)
+            ratios.append(gradient[0, channel][obj].mean().item() / ce_gradient)
+        if cls is _Eq8Literal:
+            assert min(ratios) < 0.5, ratios  # the check tells the failing loss apart
+        else:
+            assert min(ratios) >= 1, (cls.__name__, ratios)
 
 
 @pytest.mark.parametrize('variant', sorted(DATASET_JSON_VARIANTS))

@@ -11,10 +11,19 @@ import torch.nn.functional as F
 from nnunet_ext.losses import HybridLoss
 
 
-def _naive_sums(probs, targets, alpha=0.25, gamma=2.0, margin=0.05, smooth=1.0):
-    """(sum of w * bce, sum of w, voxel count, 1 - Dice) of one channel, from lists of floats;
-    w = max(|p - 0.5|, margin)^-gamma."""
-    weights = [max(abs(p - 0.5), margin) ** -gamma for p in probs]
+def _weight(p, t, gamma, margin, modulation):
+    """The modulating weight of one voxel, written case by case."""
+    if modulation == 'literal':
+        return max(abs(p - 0.5), margin) ** -gamma  # Eq. 8: |Y - 0.5|^-gamma
+    p_true = p if t == 1 else 1 - p  # probability of the right answer
+    if p_true <= 0.5:  # wrong (or undecided): the largest weight
+        return margin ** -gamma
+    return max(p_true - 0.5, margin) ** -gamma  # right: Eq. 8's, since p_true - 0.5 = |p - 0.5|
+
+
+def _naive_sums(probs, targets, alpha=0.5, gamma=2.0, margin=0.05, smooth=1.0, modulation='hardness'):
+    """(sum of w * bce, sum of w, voxel count, 1 - Dice) of one channel, from lists of floats."""
+    weights = [_weight(p, t, gamma, margin, modulation) for p, t in zip(probs, targets)]
     bce = [-(alpha * t * math.log(p) + (1 - alpha) * (1 - t) * math.log(1 - p)) for p, t in zip(probs, targets)]
     dice = (2 * sum(p * t for p, t in zip(probs, targets)) + smooth) / (
         sum(p * p for p in probs) + sum(t * t for t in targets) + smooth)
@@ -27,9 +36,10 @@ def _fbce(sums, normalization='weights'):
     return numerator / sum(s[1] for s in sums) if normalization == 'weights' else numerator / sum(s[2] for s in sums)
 
 
-def _naive_terms(probs, targets, alpha=0.25, gamma=2.0, margin=0.05, smooth=1.0, normalization='weights'):
+def _naive_terms(probs, targets, alpha=0.5, gamma=2.0, margin=0.05, smooth=1.0, normalization='weights',
+                 modulation='hardness'):
     """(focal-BCE term, 1 - Dice) of one channel."""
-    sums = _naive_sums(probs, targets, alpha, gamma, margin, smooth)
+    sums = _naive_sums(probs, targets, alpha, gamma, margin, smooth, modulation)
     return _fbce([sums], normalization), sums[3]
 
 
@@ -37,33 +47,39 @@ def _logits(probs):
     return torch.tensor([math.log(p / (1 - p)) for p in probs], dtype=torch.float64).view(1, 1, 2, 3)
 
 
+@pytest.mark.parametrize('modulation', ['hardness', 'literal'])
 @pytest.mark.parametrize('normalization', ['weights', 'voxels'])
-def test_binary_case_by_hand(normalization):
+def test_binary_case_by_hand(normalization, modulation):
     probs = [0.9, 0.2, 0.6, 0.05, 0.52, 0.3]
     targets = [1, 0, 1, 0, 1, 1]
     logits = _logits(probs)
     y = torch.tensor(targets, dtype=torch.float64).view(1, 1, 2, 3)
-    fbce, dice_loss = _naive_terms(probs, targets, normalization=normalization)
-    loss = HybridLoss('sigmoid', bce_normalization=normalization)(logits, y)
+    fbce, dice_loss = _naive_terms(probs, targets, normalization=normalization, modulation=modulation)
+    loss = HybridLoss('sigmoid', bce_normalization=normalization, modulation=modulation)(logits, y)
+    assert loss.item() == pytest.approx(fbce + dice_loss, rel=1e-9)
+    fbce, dice_loss = _naive_terms(probs, targets, alpha=0.25, normalization=normalization, modulation=modulation)
+    loss = HybridLoss('sigmoid', alpha=0.25, bce_normalization=normalization, modulation=modulation)(logits, y)
     assert loss.item() == pytest.approx(fbce + dice_loss, rel=1e-9)
     # two samples: Dice per sample, averaged; focal BCE one (weighted) mean over all voxels
     probs2, targets2 = [0.7, 0.1, 0.4, 0.8, 0.35, 0.6], [0, 0, 1, 1, 0, 1]
     logits2 = _logits(probs2)
     y2 = torch.tensor(targets2, dtype=torch.float64).view(1, 1, 2, 3)
-    loss = HybridLoss('sigmoid', alpha=0.4, gamma=1.5, margin=0.1, smooth=0.5, bce_normalization=normalization)(
-        torch.cat([logits, logits2]), torch.cat([y, y2]))
-    a = _naive_sums(probs, targets, 0.4, 1.5, 0.1, 0.5)
-    b = _naive_sums(probs2, targets2, 0.4, 1.5, 0.1, 0.5)
+    loss = HybridLoss('sigmoid', alpha=0.4, gamma=1.5, margin=0.1, smooth=0.5, bce_normalization=normalization,
+                      modulation=modulation)(torch.cat([logits, logits2]), torch.cat([y, y2]))
+    a = _naive_sums(probs, targets, 0.4, 1.5, 0.1, 0.5, modulation)
+    b = _naive_sums(probs2, targets2, 0.4, 1.5, 0.1, 0.5, modulation)
     assert loss.item() == pytest.approx(_fbce([a, b], normalization) + (a[3] + b[3]) / 2, rel=1e-9)
     # batch Dice: one Dice over both samples
-    loss = HybridLoss('sigmoid', batch_dice=True, bce_normalization=normalization)(torch.cat([logits, logits2]),
-                                                                                  torch.cat([y, y2]))
-    fbce_all, dice_all = _naive_terms(probs + probs2, targets + targets2, normalization=normalization)
+    loss = HybridLoss('sigmoid', batch_dice=True, bce_normalization=normalization, modulation=modulation)(
+        torch.cat([logits, logits2]), torch.cat([y, y2]))
+    fbce_all, dice_all = _naive_terms(probs + probs2, targets + targets2, normalization=normalization,
+                                      modulation=modulation)
     assert loss.item() == pytest.approx(fbce_all + dice_all, rel=1e-9)
 
 
+@pytest.mark.parametrize('modulation', ['hardness', 'literal'])
 @pytest.mark.parametrize('normalization', ['weights', 'voxels'])
-def test_multiclass_softmax_by_hand(normalization):
+def test_multiclass_softmax_by_hand(normalization, modulation):
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 4, dtype=torch.float64)
     labels = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1]]).view(1, 1, 2, 4)
@@ -72,16 +88,17 @@ def test_multiclass_softmax_by_hand(normalization):
     per_class = []
     for c in (0, 1, 2):  # one-vs-rest
         probs = [math.exp(flat[c][v]) / sum(math.exp(flat[k][v]) for k in range(3)) for v in range(8)]
-        per_class.append(_naive_sums(probs, [1.0 if label == c else 0.0 for label in lab]))
+        per_class.append(_naive_sums(probs, [1.0 if label == c else 0.0 for label in lab], modulation=modulation))
     fg = per_class[1:]
-    loss = HybridLoss('softmax', bce_normalization=normalization)(logits, labels)
+    loss = HybridLoss('softmax', bce_normalization=normalization, modulation=modulation)(logits, labels)
     assert loss.item() == pytest.approx(_fbce(fg, normalization) + sum(s[3] for s in fg) / 2, rel=1e-9)
     # a one-hot target gives the same
     onehot = F.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).double()
-    assert HybridLoss('softmax', bce_normalization=normalization)(logits, onehot).item() == pytest.approx(
-        loss.item(), rel=1e-12)
+    assert HybridLoss('softmax', bce_normalization=normalization, modulation=modulation)(
+        logits, onehot).item() == pytest.approx(loss.item(), rel=1e-12)
     # with the background kept: three classes
-    loss_bg = HybridLoss('softmax', do_bg=True, bce_normalization=normalization)(logits, labels)
+    loss_bg = HybridLoss('softmax', do_bg=True, bce_normalization=normalization, modulation=modulation)(
+        logits, labels)
     assert loss_bg.item() == pytest.approx(_fbce(per_class, normalization) + sum(s[3] for s in per_class) / 3,
                                            rel=1e-9)
 
@@ -103,7 +120,7 @@ def test_predictions_at_and_near_one_half_stay_finite():
     # at exactly 0.5 the factor is the clamp's, margin^-gamma: the literal (voxel-mean) term carries it,
     # the weighted mean divides it out and is the alpha-balanced BCE
     x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
-    balanced = (0.25 * math.log(2) * 2 + 0.75 * math.log(2) * 2) / 4
+    balanced = (0.5 * math.log(2) * 2 + 0.5 * math.log(2) * 2) / 4  # alpha 0.5
     bce = HybridLoss('sigmoid', weight_dice=0.0, bce_normalization='voxels')(x, y.double())
     assert bce.item() == pytest.approx(balanced / 0.05 ** 2, rel=1e-12)
     bce = HybridLoss('sigmoid', weight_dice=0.0)(x, y.double())
@@ -131,52 +148,18 @@ def test_gradient_points_the_right_way_only_with_a_detached_factor():
     # a positive voxel predicted 0.4 (|Y - 0.5| above the clamp): the loss must fall when its logit rises
     x = torch.tensor([math.log(0.4 / 0.6)], dtype=torch.float64).view(1, 1, 1, 1).requires_grad_()
     y = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    HybridLoss('sigmoid', weight_dice=0.0)(x, y).backward()
-    assert x.grad.item() < 0
+    for modulation in ('hardness', 'literal'):
+        x.grad = None
+        HybridLoss('sigmoid', weight_dice=0.0, modulation=modulation)(x, y).backward()
+        assert x.grad.item() < 0
     x.grad = None
-    HybridLoss('sigmoid', weight_dice=0.0, detach_modulation=False)(x, y).backward()
+    HybridLoss('sigmoid', weight_dice=0.0, detach_modulation=False, modulation='literal')(x, y).backward()
     assert x.grad.item() > 0  # Eq. 8 differentiated literally pushes the voxel away from 0.5, towards 0
+    x.grad = None  # on the wrong side the 'hardness' weight is the constant margin^-gamma: no such pull
+    HybridLoss('sigmoid', weight_dice=0.0, detach_modulation=False)(x, y).backward()
+    assert x.grad.item() < 0
 
 
-def test_ignore_mask_equals_dropping_the_voxels():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 1, 10, dtype=torch.float64)
-    labels = torch.randint(0, 3, (2, 1, 1, 10))
-    keep = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], dtype=torch.bool)
-    mask = keep.view(1, 1, 1, 10).expand(2, 1, 1, 10).double()
-    labels_ignored = labels.clone()
-    labels_ignored[:, :, :, ~keep] = 3  # nnU-Net's ignore label: outside the classes, masked
-    loss = HybridLoss('softmax', batch_dice=False)
-    masked = loss(x, labels_ignored, loss_mask=mask)
-    dropped = loss(x[..., keep], labels[..., keep])
-    torch.testing.assert_close(masked, dropped)
-    x.requires_grad_()
-    loss(x, labels_ignored, loss_mask=mask).backward()
-    assert (x.grad[..., ~keep] == 0).all() and (x.grad[..., keep] != 0).any()
-
-
-def test_errors_say_what_is_wrong():
-    x = torch.randn(1, 3, 4, 4)
-    with pytest.raises(ValueError, match='does not match'):
-        HybridLoss()(x, torch.zeros(1, 1, 3, 4))
-    with pytest.raises(ValueError, match='sigmoid'):
-        HybridLoss('softmax')(torch.randn(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
-    with pytest.raises(ValueError, match='loss_mask'):
-        HybridLoss()(x, torch.zeros(1, 1, 4, 4), loss_mask=torch.ones(1, 3, 4, 4))
-    # label values are read (a host-device sync) only with check_values
-    with pytest.raises(ValueError, match='3 classes'):
-        HybridLoss(check_values=True)(x, torch.full((1, 1, 4, 4), 3))
-    with pytest.raises(ValueError, match=r'\{0, 1\}'):
-        HybridLoss('sigmoid', check_values=True)(torch.randn(1, 1, 4, 4), torch.full((1, 1, 4, 4), 2))
-    with pytest.raises(ValueError, match=r'in \[0, 1\]'):
-        HybridLoss('sigmoid', check_values=True)(torch.randn(1, 2, 4, 4), torch.full((1, 2, 4, 4), 2.0))
-    for kwargs in ({'margin': 0.0}, {'alpha': 1.5}, {'gamma': -1.0}, {'apply_nonlin': 'relu'}, {'smooth': -1.0},
-                   {'bce_normalization': 'mean'}):
-        with pytest.raises(ValueError):
-            HybridLoss(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------- balance
 def _ball_labels(spatial, fraction, batch=2):
     """Label maps whose foreground is a centred disc/ball covering ``fraction`` of the patch."""
     labels = torch.zeros(batch, 1, *spatial, dtype=torch.long)
@@ -245,17 +228,19 @@ def test_terms_are_balanced_on_an_initialised_anunet_and_for_more_classes():
     assert 0.1 <= bce / dice <= 10
 
 
-def test_weighted_mean_keeps_eq_8s_relative_weights():
+@pytest.mark.parametrize('modulation', ['hardness', 'literal'])
+def test_weighted_mean_keeps_the_relative_weights(modulation):
     """'weights' and 'voxels' differ by one scalar per batch (the mean weight): the per-voxel gradients of the
-    focal-BCE term are proportional, so the relative emphasis on hard voxels is Eq. 8's."""
+    focal-BCE term are proportional, so the relative emphasis on hard voxels is the modulation's."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     labels = torch.randint(0, 3, (2, 1, 8, 8))
     grads = []
     for normalization in ('weights', 'voxels'):
         z = x.clone().requires_grad_(True)
-        HybridLoss(weight_dice=0.0, bce_normalization=normalization)(z, labels).backward()
+        HybridLoss(weight_dice=0.0, bce_normalization=normalization, modulation=modulation)(z, labels).backward()
         grads.append(z.grad)
-    p = torch.softmax(x, 1)[:, 1:]
-    mean_weight = (p - 0.5).abs().clamp_min(0.05).pow(-2.0).mean()
+    p = torch.softmax(x, 1)[:, 1:].flatten().tolist()
+    t = F.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2)[:, 1:].flatten().tolist()
+    mean_weight = sum(_weight(pv, tv, 2.0, 0.05, modulation) for pv, tv in zip(p, t)) / len(p)
     torch.testing.assert_close(grads[0] * mean_weight, grads[1])

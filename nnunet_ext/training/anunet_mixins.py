@@ -97,23 +97,31 @@ class HybridLossMixin(DeepSupervisedLossMixin):
     Labels: softmax, foreground classes one-vs-rest; regions: sigmoid per region (the paper's binary
     case). The ignore label (or nnU-Net's ignore channel with regions) masks both terms. The Dice is
     the plans' ``batch_dice``, over the global batch under DDP (``ddp=self.is_ddp``, as nnU-Net's own
-    Dice). Class attributes: ``hybrid_alpha`` (0.25), ``hybrid_gamma`` (2), ``hybrid_margin`` (0.05),
-    ``hybrid_smooth`` (1), ``hybrid_bce_normalization`` (``'weights'``: the modulated BCE as a weighted
-    mean, on the Dice term's scale; ``'voxels'``: Eq. 8's literal mean over voxels, ~200x the Dice
-    term at initialisation; see ``nnunet_ext.losses.hybrid``).
+    Dice). Class attributes: ``hybrid_alpha`` (0.5: positives and negatives weigh the same, as in
+    cross-entropy; RetinaNet's 0.25 down-weights a small object), ``hybrid_gamma`` (2),
+    ``hybrid_modulation`` (``'hardness'``: ``max(p_t - 0.5, margin)^-gamma``, Eq. 8's weight on the right
+    side of 0.5 and the largest weight on wrong voxels; ``'literal'``: Eq. 8's ``|Y - 0.5|^-gamma``,
+    under which a confidently wrong voxel weighs ~100x less than an uncertain one and ANU-Net learned
+    nothing on small objects), ``hybrid_margin`` (0.05), ``hybrid_smooth`` (1),
+    ``hybrid_bce_normalization`` (``'weights'``: the modulated BCE as a weighted mean, on the Dice term's
+    scale; ``'voxels'``: Eq. 8's literal mean over voxels, ~200x the Dice term at initialisation; see
+    ``nnunet_ext.losses.hybrid``). Eq. 8 taken literally: ``hybrid_modulation = 'literal'`` and
+    ``hybrid_bce_normalization = 'voxels'`` (with RetinaNet's ``hybrid_alpha = 0.25``).
     """
 
-    hybrid_alpha: float = 0.25
+    hybrid_alpha: float = 0.5
     hybrid_gamma: float = 2.0
     hybrid_margin: float = 0.05
     hybrid_smooth: float = 1.0
     hybrid_bce_normalization: str = 'weights'
+    hybrid_modulation: str = 'hardness'
 
     def _build_output_loss(self) -> nn.Module:
         lm = self.label_manager
         hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=self.hybrid_alpha,
                             gamma=self.hybrid_gamma, margin=self.hybrid_margin, smooth=self.hybrid_smooth,
                             batch_dice=self.configuration_manager.batch_dice,
-                            bce_normalization=self.hybrid_bce_normalization, ddp=self.is_ddp)
+                            bce_normalization=self.hybrid_bce_normalization, modulation=self.hybrid_modulation,
+                            ddp=self.is_ddp)
         return NNUNetTargetHybridLoss(hybrid, ignore_label=None if lm.has_regions else lm.ignore_label,
                                       has_ignore_channel=lm.has_regions and lm.ignore_label is not None)
