@@ -66,7 +66,7 @@ def test_hybrid_loss_is_the_mean_of_eq_8_over_the_heads(planned, variant):
     lm = trainer.label_manager
     outputs, targets = batch(trainer, batch_size=2)
     value = trainer._build_loss()(outputs, targets)
-    hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=0.5, gamma=2, margin=0.05, smooth=1,
+    hybrid = HybridLoss('sigmoid' if lm.has_regions else 'softmax', alpha=0.75, gamma=2, margin=0.05, smooth=1,
                         batch_dice=trainer.configuration_manager.batch_dice, modulation='hardness')
     per_head = [hybrid(o, t, m) for o, (t, m) in zip(outputs, _masked(targets, lm))]
     assert len(per_head) == len(trainer._get_deep_supervision_scales()) > 1
@@ -84,7 +84,7 @@ def test_hybrid_loss_settings_come_from_the_plans_and_class_attributes(planned):
     assert hybrid.batch_dice == trainer.configuration_manager.batch_dice
     assert hybrid.ddp == trainer.is_ddp  # global batch Dice under DDP, as nnU-Net's own Dice
     assert hybrid.bce_normalization == 'weights' and not hybrid.check_values
-    assert (hybrid.alpha, hybrid.gamma, hybrid.modulation) == (0.5, 2.0, 'hardness')
+    assert (hybrid.alpha, hybrid.gamma, hybrid.modulation) == (0.75, 2.0, 'hardness')
 
     class Literal(nnUNetTrainerANUNet):
         hybrid_bce_normalization = 'voxels'

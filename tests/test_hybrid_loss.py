@@ -21,7 +21,7 @@ def _weight(p, t, gamma, margin, modulation):
     return max(p_true - 0.5, margin) ** -gamma  # right: Eq. 8's, since p_true - 0.5 = |p - 0.5|
 
 
-def _naive_sums(probs, targets, alpha=0.5, gamma=2.0, margin=0.05, smooth=1.0, modulation='hardness'):
+def _naive_sums(probs, targets, alpha=0.75, gamma=2.0, margin=0.05, smooth=1.0, modulation='hardness'):
     """(sum of w * bce, sum of w, voxel count, 1 - Dice) of one channel, from lists of floats."""
     weights = [_weight(p, t, gamma, margin, modulation) for p, t in zip(probs, targets)]
     bce = [-(alpha * t * math.log(p) + (1 - alpha) * (1 - t) * math.log(1 - p)) for p, t in zip(probs, targets)]
@@ -36,7 +36,7 @@ def _fbce(sums, normalization='weights'):
     return numerator / sum(s[1] for s in sums) if normalization == 'weights' else numerator / sum(s[2] for s in sums)
 
 
-def _naive_terms(probs, targets, alpha=0.5, gamma=2.0, margin=0.05, smooth=1.0, normalization='weights',
+def _naive_terms(probs, targets, alpha=0.75, gamma=2.0, margin=0.05, smooth=1.0, normalization='weights',
                  modulation='hardness'):
     """(focal-BCE term, 1 - Dice) of one channel."""
     sums = _naive_sums(probs, targets, alpha, gamma, margin, smooth, modulation)
@@ -120,7 +120,7 @@ def test_predictions_at_and_near_one_half_stay_finite():
     # at exactly 0.5 the factor is the clamp's, margin^-gamma: the literal (voxel-mean) term carries it,
     # the weighted mean divides it out and is the alpha-balanced BCE
     x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
-    balanced = (0.5 * math.log(2) * 2 + 0.5 * math.log(2) * 2) / 4  # alpha 0.5
+    balanced = (0.75 * math.log(2) * 2 + 0.25 * math.log(2) * 2) / 4  # alpha 0.75
     bce = HybridLoss('sigmoid', weight_dice=0.0, bce_normalization='voxels')(x, y.double())
     assert bce.item() == pytest.approx(balanced / 0.05 ** 2, rel=1e-12)
     bce = HybridLoss('sigmoid', weight_dice=0.0)(x, y.double())

@@ -97,8 +97,9 @@ class HybridLossMixin(DeepSupervisedLossMixin):
     Labels: softmax, foreground classes one-vs-rest; regions: sigmoid per region (the paper's binary
     case). The ignore label (or nnU-Net's ignore channel with regions) masks both terms. The Dice is
     the plans' ``batch_dice``, over the global batch under DDP (``ddp=self.is_ddp``, as nnU-Net's own
-    Dice). Class attributes: ``hybrid_alpha`` (0.5: positives and negatives weigh the same, as in
-    cross-entropy; RetinaNet's 0.25 down-weights a small object), ``hybrid_gamma`` (2),
+    Dice). Class attributes: ``hybrid_alpha`` (0.75: an object voxel weighs 3x a background voxel, the
+    paper's "lower the weight of the more frequent class"; RetinaNet's 0.25 does the opposite),
+    ``hybrid_gamma`` (2),
     ``hybrid_modulation`` (``'hardness'``: ``max(p_t - 0.5, margin)^-gamma``, Eq. 8's weight on the right
     side of 0.5 and the largest weight on wrong voxels; ``'literal'``: Eq. 8's ``|Y - 0.5|^-gamma``,
     under which a confidently wrong voxel weighs ~100x less than an uncertain one and ANU-Net learned
@@ -109,7 +110,7 @@ class HybridLossMixin(DeepSupervisedLossMixin):
     ``hybrid_bce_normalization = 'voxels'`` (with RetinaNet's ``hybrid_alpha = 0.25``).
     """
 
-    hybrid_alpha: float = 0.5
+    hybrid_alpha: float = 0.75
     hybrid_gamma: float = 2.0
     hybrid_margin: float = 0.05
     hybrid_smooth: float = 1.0
