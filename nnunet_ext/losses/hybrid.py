@@ -28,9 +28,9 @@ over the heads is nnU-Net's deep-supervision wrapper with equal weights):
   learns least from the voxels it gets most wrong: in the weighted mean a few uncertain background
   voxels take the weight (measured on a 64^2 patch, 8 % object at ``Y = 0.02``: the focal-BCE gradient
   on the object logits is 0.25x cross-entropy's, 0.01x with 20 % of the background uncertain at 0.45;
-  ANU-Net's pseudo-Dice stayed 0 on real polyp images while the same network learned with nnU-Net's
-  Dice+CE). The default ``'hardness'``
-  measures hardness by the probability of the *right* answer, ``p_t = Ybar Y + (1 - Ybar)(1 - Y)``:
+  ANU-Net's pseudo-Dice stayed 0 on real polyp and nerve-ultrasound images while the same network
+  learned with nnU-Net's Dice+CE). The default ``'hardness'`` measures hardness by the probability of
+  the *right* answer, ``p_t = Ybar Y + (1 - Ybar)(1 - Y)``:
 
       w = max(p_t - 0.5, margin)^-gamma        (p_t - 0.5 = (2 Ybar - 1)(Y - 0.5))
 
@@ -138,11 +138,12 @@ class HybridLoss(nn.Module):
         alpha: class balance of Eq. 8/Eq. 7 (weight of positive voxels; negatives get ``1 - alpha``);
             0.75 (default) weighs the object's voxels 3x the background's (see the module docstring).
         gamma: exponent of the modulating weight; 0 gives plain balanced BCE.
-        margin: lower bound on ``|Y - 0.5|`` (> 0) so predictions at or near 0.5 stay finite.
+        margin: lower bound on ``|Y - 0.5|`` (``p_t - 0.5`` for ``'hardness'``; > 0) so the weight stays
+            finite at and near 0.5.
         smooth: ``s`` of the Dice term.
         batch_dice: one Dice per class over the whole batch (nnU-Net's ``batch_dice``) instead of one
             per sample and class.
-        detach_modulation: no gradient through ``|Y - 0.5|^-gamma``.
+        detach_modulation: no gradient through the modulating weight.
         weight_bce, weight_dice: weights of the two terms (both 1 in Eq. 8).
         modulation: ``'hardness'`` (default): ``w = max(p_t - 0.5, margin)^-gamma`` with ``p_t`` the
             probability of the true answer, i.e. Eq. 8's ``|Y - 0.5|^-gamma`` on the right side of 0.5 and

@@ -99,11 +99,11 @@ class HybridLossMixin(DeepSupervisedLossMixin):
     the plans' ``batch_dice``, over the global batch under DDP (``ddp=self.is_ddp``, as nnU-Net's own
     Dice). Class attributes: ``hybrid_alpha`` (0.75: an object voxel weighs 3x a background voxel, the
     paper's "lower the weight of the more frequent class"; RetinaNet's 0.25 does the opposite),
-    ``hybrid_gamma`` (2),
-    ``hybrid_modulation`` (``'hardness'``: ``max(p_t - 0.5, margin)^-gamma``, Eq. 8's weight on the right
-    side of 0.5 and the largest weight on wrong voxels; ``'literal'``: Eq. 8's ``|Y - 0.5|^-gamma``,
-    under which a confidently wrong voxel weighs ~100x less than an uncertain one and ANU-Net learned
-    nothing on small objects), ``hybrid_margin`` (0.05), ``hybrid_smooth`` (1),
+    ``hybrid_gamma`` (2), ``hybrid_modulation`` (``'hardness'``: ``max(p_t - 0.5, margin)^-gamma``,
+    Eq. 8's weight on the right side of 0.5 and the largest weight on wrong voxels; ``'literal'``:
+    Eq. 8's ``|Y - 0.5|^-gamma``, under which a confidently wrong voxel weighs ~100x less than an
+    uncertain one and ANU-Net learned nothing on small objects), ``hybrid_margin`` (0.05),
+    ``hybrid_smooth`` (1),
     ``hybrid_bce_normalization`` (``'weights'``: the modulated BCE as a weighted mean, on the Dice term's
     scale; ``'voxels'``: Eq. 8's literal mean over voxels, ~200x the Dice term at initialisation; see
     ``nnunet_ext.losses.hybrid``). Eq. 8 taken literally: ``hybrid_modulation = 'literal'`` and
