@@ -130,9 +130,9 @@ def test_hybrid_loss_learns_from_confidently_wrong_object_voxels_like_cross_entr
     at P = 0.02) must be pushed back towards the object at least as hard as cross-entropy pushes it
     (closed form: CE's mean over N voxels gives each object logit -(1 - P)/N), also when part of the
     background is uncertain. Eq. 8's literal weighting gives those voxels ~100x less weight than the
-    uncertain ones and fails this (measured 0.75x CE without uncertain voxels, 0.34x with 20 %); so did
+    uncertain ones and fails this (measured on this patch: 0.37x CE without uncertain voxels, 0.26x with 20 %); so did
     ANU-Net's training on real polyp and nerve-ultrasound images, whose pseudo-Dice stayed 0 while
-    nnU-Net's left 0 (docs/methods/anunet.md). The defaults measure 1.5-6x CE."""
+    nnU-Net's left 0 (docs/methods/anunet.md). The defaults measure 2.2-7.7x CE."""
     channel = 1 if variant == 'regions' else 2  # the object's logit: region 'tumour' / class 2
     ce_gradient = -(1 - 0.02) / (64 * 64)
     for cls in (nnUNetTrainerANUNet, nnUNetTrainerUNetPlusPlus, nnUNetTrainerANUNetPaper, _Eq8Literal):
