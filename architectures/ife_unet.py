@@ -43,7 +43,8 @@ class IFEUNetDecoder(SkipTransformingUNetDecoder):
             if st not in with_skip:
                 raise ValueError(f"IFE on encoder stage {st}: these plans' network has skips at stages "
                                  f"{list(with_skip)} (the last of its {len(encoder.output_channels)} stages is the "
-                                 f"bottleneck). Choose ife_stages among them (subclass the trainer and set ife_stages).")
+                                 f"bottleneck). Choose ife_stages among them (subclass the trainer and set "
+                                 f"ife_stages).")
         self.ife_score = ife_score
         self.enhancers = nn.ModuleDict()
         for st, r in zip(stages, ratios):

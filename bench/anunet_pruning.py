@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     print(f'# ANU-Net pruning: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'{torch.get_num_threads()} torch threads, device {device}, torch {torch.__version__}')
-    print(f'# command: python bench/{os.path.basename(__file__)} {" ".join(argv if argv is not None else sys.argv[1:])}')
+    arguments = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f'# command: python bench/{os.path.basename(__file__)} {arguments}')
     with tempfile.TemporaryDirectory() as root:
         os.environ.update(nnunet_environment(root))
         os.environ.setdefault('nnUNet_n_proc_DA', '1')

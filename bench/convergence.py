@@ -236,7 +236,8 @@ def table(curves: Dict[str, dict]) -> str:
     for i, iteration in enumerate(curves[trainers[0]]['iterations']):
         cells = [f"{curves[t]['dice'][i][c]:.4f}" for t in trainers for c in classes]
         lines.append(f'| {iteration} | ' + ' | '.join(cells) + ' |')
-    lines.append('| train_step s | ' + ' | '.join(f"{curves[t]['train_seconds']:.0f}" for t in trainers for _ in classes)
+    lines.append('| train_step s | '
+                 + ' | '.join(f"{curves[t]['train_seconds']:.0f}" for t in trainers for _ in classes)
                  + ' |')
     return '\n'.join(lines)
 

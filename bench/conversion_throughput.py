@@ -49,7 +49,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix='nnunet_ext_convert_bench_') as tmp:
         source = os.path.join(tmp, 'LiTS')
         size_bytes = write_source(source, args.cases, args.size)
-        print(f"# conversion throughput: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+        print(f"# conversion throughput: {platform.machine()}, {os.cpu_count()} cores, "
+              f"python {platform.python_version()}")
         print(f"# command: python bench/conversion_throughput.py {' '.join(sys.argv[1:])}")
         print(f"# source: {args.cases} LiTS-like cases of {' x '.join(map(str, args.size))}, "
               f"{size_bytes / 1e6:.1f} MB of .nii.gz")

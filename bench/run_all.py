@@ -145,8 +145,8 @@ def results_markdown(results: Dict[str, dict], args, device, method: str, comman
              f'logical CPUs (other processes compete for the CPUs above about {os.cpu_count()}: timings then vary '
              f'from round to round){" -- written with --force" if args.force else ""}',
              f'- `uptime` before: `{uptimes[0]}`; after: `{uptimes[1]}`',
-             f'- versions: Python {platform.python_version()}, torch {torch.__version__}, nnunetv2 {version("nnunetv2")}, '
-             f'nnunet-ext {version("nnunet-ext")}, numpy {version("numpy")}',
+             f'- versions: Python {platform.python_version()}, torch {torch.__version__}, '
+             f'nnunetv2 {version("nnunetv2")}, nnunet-ext {version("nnunet-ext")}, numpy {version("numpy")}',
              f'- settings: {args.rounds} timed training steps per trainer after {args.warmup} warm-up steps; '
              f'{args.inference_rounds} timed inference rounds over {args.inference_cases} case(s) after 1 warm-up; '
              f'groups of {args.group} trainers + {REFERENCE}',
@@ -164,8 +164,8 @@ def results_markdown(results: Dict[str, dict], args, device, method: str, comman
         lines += [f'## {configuration}: patch {r["patch"]}, batch {r["batch"]}, inference cases {r["case_shapes"]}', '',
                   '| trainer | median step s | nnUNetTrainer step s | step ratio | step peak MiB |',
                   '|---|---|---|---|---|']
-        lines += [f'| {s["trainer"]} | {s["median"]:.4f} | {s["reference"]:.4f} | {_ratio(s["median"], s["reference"])} '
-                  f'| {_fmt(s["peak"], ".0f")} |' for s in r['steps']]
+        lines += [f'| {s["trainer"]} | {s["median"]:.4f} | {s["reference"]:.4f} '
+                  f'| {_ratio(s["median"], s["reference"])} | {_fmt(s["peak"], ".0f")} |' for s in r['steps']]
         lines += ['', '| network (prune level) | mirror axes (passes) | median s per case | nnUNetTrainer s per case '
                       '| inference ratio | inference peak MiB |', '|---|---|---|---|---|---|']
         lines += [f'| {i["label"]} | {i["mirroring"]} | {i["median"]:.4f} | {i["reference"]:.4f} '

@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     print(f'# step time vs {REFERENCE}: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'device {device}{" " + torch.cuda.get_device_name() if device.type == "cuda" else ""}, '
           f'torch {torch.__version__}, nnunetv2 {version("nnunetv2")}')
-    print(f'# command: python bench/{os.path.basename(__file__)} {" ".join(argv if argv is not None else sys.argv[1:])}')
+    arguments = " ".join(argv if argv is not None else sys.argv[1:])
+    print(f'# command: python bench/{os.path.basename(__file__)} {arguments}')
     print('| configuration | patch | batch | trainer | median step s | ratio vs nnUNetTrainer |')
     print('|---|---|---|---|---|---|')
     with tempfile.TemporaryDirectory() as root:

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    'preprocesses it, trains nnUNetTrainer and nnUNetTrainerGODC for the same number '
                                    'of iterations, predicts 10 held-out cases and prints Dice per class.')
     p.add_argument('--root', default='nnunet_ext_demo', help='data root (default: ./nnunet_ext_demo)')
-    p.add_argument('--budget', type=int, default=600, help='training iterations per trainer (default: 600, about 3 min each on 2 CPU cores)')
+    p.add_argument('--budget', type=int, default=600,
+                   help='training iterations per trainer (default: 600, about 3 min each on 2 CPU cores)')
     p.add_argument('--iterations-per-epoch', type=int, default=50, help='(default: 50)')
     p.add_argument('--device', choices=['cpu', 'cuda', 'mps'], default=None, help='default: cuda if available')
     p.add_argument('--id', type=int, default=990, help='dataset id of the phantom dataset (default: 990)')
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model_folder', metavar='MODEL_DIR', help='trained model folder (TRAINER__PLANS__CONFIG)')
     p.add_argument('--level', type=int, required=True, help='level to keep (1..L; L = n_stages - 1 is the full model)')
     p.add_argument('-o', required=True, metavar='OUT', help='output model folder (must not exist)')
-    p.add_argument('-f', nargs='+', default=None, metavar='FOLD', help='folds (default: every fold_* with the checkpoint)')
+    p.add_argument('-f', nargs='+', default=None, metavar='FOLD',
+                   help='folds (default: every fold_* with the checkpoint)')
     p.add_argument('-chk', default='checkpoint_final.pth', help='checkpoint file name (default: checkpoint_final.pth)')
     p.set_defaults(func=_cmd_prune)
 

@@ -49,7 +49,8 @@ def plan_and_preprocess_all(dataset_id: int, planner_name: str,
     return identifiers
 
 
-def plan_and_preprocess(dataset_id: int, planner_name: str, configurations: Sequence[str] = ('2d', '3d_fullres', '3d_lowres'),
+def plan_and_preprocess(dataset_id: int, planner_name: str,
+                        configurations: Sequence[str] = ('2d', '3d_fullres', '3d_lowres'),
                         num_processes: Optional[Sequence[int]] = None, fingerprint_processes: int = 8,
                         verify_dataset_integrity: bool = False, clean: bool = False, preprocess: bool = True,
                         gpu_memory_target: Optional[float] = None, overwrite_plans_name: Optional[str] = None,

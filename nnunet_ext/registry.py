@@ -1,25 +1,10 @@
 """What this package provides to nnU-Net: trainer classes and experiment planners."""
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
 from typing import Dict, List, Tuple, Type
 
-
-def _classes_defined_in(package_name: str, base: type) -> Dict[str, type]:
-    package = importlib.import_module(package_name)
-    found = {}
-    for module_info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f'{package_name}.{module_info.name}')
-        for name, obj in vars(module).items():
-            if inspect.isclass(obj) and issubclass(obj, base) and obj.__module__ == module.__name__:
-                if name in found:
-                    raise RuntimeError(f"{package_name}: class {name} defined twice "
-                                       f"({found[name].__module__}, {module.__name__}); nnU-Net looks classes up "
-                                       f"by bare name, so names must be unique")
-                found[name] = obj
-    return dict(sorted(found.items()))
+from nnunet_ext.discovery import classes_defined_in, planner_classes
 
 
 def first_docstring_line(cls: type) -> str:
@@ -28,17 +13,10 @@ def first_docstring_line(cls: type) -> str:
 
 
 def trainer_classes() -> Dict[str, type]:
-    """``{name: class}`` of every nnU-Net trainer in ``nnunet_ext.trainers``."""
+    """``{name: class}`` of every nnU-Net trainer in ``nnunet_ext.trainers``: the one list of our trainers (the
+    README's and docs' tables are checked against it by tests/test_readme_and_demo.py)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    return _classes_defined_in('nnunet_ext.trainers', nnUNetTrainer)
-
-
-def planner_classes() -> Dict[str, type]:
-    """``{name: class}`` of every experiment planner in ``nnunet_ext.plans`` (private base classes, whose
-    names start with ``_``, left out)."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    return {name: cls for name, cls in _classes_defined_in('nnunet_ext.plans', ExperimentPlanner).items()
-            if not name.startswith('_')}
+    return classes_defined_in('nnunet_ext.trainers', nnUNetTrainer)
 
 
 def describe(classes: Dict[str, type]) -> List[Tuple[str, str]]:

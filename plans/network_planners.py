@@ -11,7 +11,7 @@ normalisation, resampling, same ``PlainConvUNet`` keywords) but estimates memory
 
 The estimate builds the network on PyTorch's meta device: no parameter memory and no initialisation
 for each candidate patch. Every plans file written also records the memory reference it was sized
-with (``nnunet_ext.training.memory_check.MEMORY_TARGET_KEY``), which the trainers' start-up memory
+with (``nnunet_ext.training.memory_reference.MEMORY_TARGET_KEY``), which the trainers' start-up memory
 check reads; nnU-Net ignores the extra key.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
 from nnunet_ext.training.architecture_mixins import PLAIN_UNET
-from nnunet_ext.training.memory_check import MEMORY_TARGET_KEY, memory_record
+from nnunet_ext.training.memory_reference import MEMORY_TARGET_KEY, memory_record
 
 
 def dotted_name(cls: type) -> str:

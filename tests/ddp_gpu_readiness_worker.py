@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import gpu_readiness_helpers as h
+import trainer_helpers as h
 
 STEPS = 3
 BATCH = 4  # global batch, split over the ranks

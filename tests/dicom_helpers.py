@@ -12,7 +12,8 @@ from nnunet_ext.conversion.dicom import keep_locale
 
 
 def write_dicom_series(folder: str, array_zyx: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(-120.0, 30.0, 55.0),
-                       names: Optional[Sequence[str]] = None, shuffle_names: bool = False, series_uid: str = '1.2.826.0.1.3680043.2.1125.1',
+                       names: Optional[Sequence[str]] = None, shuffle_names: bool = False,
+                       series_uid: str = '1.2.826.0.1.3680043.2.1125.1',
                        modality: str = 'CT', seed: int = 0) -> sitk.Image:
     """One slice per file, with ImagePositionPatient / ImageOrientationPatient / PixelSpacing set.
 

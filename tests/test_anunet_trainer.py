@@ -3,11 +3,13 @@ build, the deep-supervision mapping (full-resolution heads, equal weights), the 
 computation per head, the pruning variable refused while training, and ANUNetPlanner's plans."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_ext.architectures.anunet import PRUNE_LEVEL_ENV, ANUNet, UNetPlusPlus
 from nnunet_ext.losses import GODCLoss
@@ -233,13 +235,26 @@ def test_planner_counts_the_nested_decoder(planned, spacing, median_shape):
 
 
 def test_trainer_builds_from_the_planners_plans(planned):
+    """ANUNetPlanner plans the phantom (its ``plan_experiment``, as ``nnunet-ext plan ID -pl ANUNetPlanner``
+    runs it): the plans it writes name ANU-Net's class with PlainConvUNet's keywords, and the nested-U-Net
+    trainers build ANU-Net / UNet++ from them."""
     plans, dataset_json = planned
     planner = ANUNetPlanner(DATASET_ID)
-    configuration = plans['configurations']['2d']
-    arch = {**configuration['architecture'], 'network_class_name': 'nnunet_ext.architectures.anunet.ANUNet'}
-    plans = {**plans, 'configurations': {'2d': {**configuration, 'architecture': arch}}}
+    written = planner.plan_experiment()  # writes nnUNetPlansANUNet.json next to nnU-Net's plans
+    assert written['plans_name'] == 'nnUNetPlansANUNet' and written['experiment_planner_used'] == 'ANUNetPlanner'
+    on_disk = load_json(os.path.join(os.environ['nnUNet_preprocessed'], plans['dataset_name'],
+                                     'nnUNetPlansANUNet.json'))
+    assert on_disk['configurations'].keys() == written['configurations'].keys()
+    architecture = on_disk['configurations']['2d']['architecture']
+    assert architecture['network_class_name'] == 'nnunet_ext.architectures.anunet.ANUNet'
+    default = plans['configurations']['2d']['architecture']  # nnU-Net's ExperimentPlanner's plans
+    assert default['network_class_name'] == 'dynamic_network_architectures.architectures.unet.PlainConvUNet'
+    assert architecture['arch_kwargs'].keys() == default['arch_kwargs'].keys()
     for cls, network in ((nnUNetTrainerANUNet, ANUNet), (nnUNetTrainerUNetPlusPlus, UNetPlusPlus)):
-        trainer = make_trainer(cls, (plans, dataset_json), 'labels')
-        assert type(_network(trainer)) is network
-    assert PlansManager(plans).get_configuration('2d').network_arch_class_name.endswith('ANUNet')
-    assert planner.UNet_class is ANUNet
+        trainer = make_trainer(cls, (on_disk, dataset_json), 'labels')
+        net = _network(trainer)
+        assert type(net) is network
+        n_stages = architecture['arch_kwargs']['n_stages']
+        patch = on_disk['configurations']['2d']['patch_size']
+        outputs = net(torch.randn(1, 1, *patch))  # one full-resolution head per nested row below the top
+        assert [tuple(o.shape) for o in outputs] == [(1, 3, *patch)] * (n_stages - 1)

@@ -234,7 +234,8 @@ def test_msd_task_folder_and_tar_are_converted_with_channels_split(tmp_path, env
             np.testing.assert_array_equal(
                 _sitk_array_xyz(os.path.join(target, 'imagesTr', f'{name}_{channel:04d}.nii.gz')), image[..., channel])
         np.testing.assert_array_equal(_sitk_array_xyz(os.path.join(target, 'labelsTr', f'{name}.nii.gz')), label)
-    assert sorted(os.listdir(os.path.join(target, 'imagesTs'))) == ['prostate_03_0000.nii.gz', 'prostate_03_0001.nii.gz']
+    assert sorted(os.listdir(os.path.join(target, 'imagesTs'))) == ['prostate_03_0000.nii.gz',
+                                                                    'prostate_03_0001.nii.gz']
     assert sorted(os.listdir(env['nnUNet_raw'])) == ['Dataset505_Prostate']
 
 

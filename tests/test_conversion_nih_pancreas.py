@@ -48,7 +48,8 @@ def test_labels_in_another_axis_order_are_reoriented_by_geometry(tmp_path, env):
     verify_raw_dataset(target)
     for number, (ct, pancreas, _) in ((1, flipped), (2, aligned)):
         np.testing.assert_array_equal(
-            sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(target, 'imagesTr', f'pancreas_{number:04d}_0000.nii.gz'))), ct)
+            sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(target, 'imagesTr',
+                                                               f'pancreas_{number:04d}_0000.nii.gz'))), ct)
         np.testing.assert_array_equal(
             sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(target, 'labelsTr', f'pancreas_{number:04d}.nii.gz'))),
             pancreas)

@@ -38,9 +38,9 @@ TOL = dict(rtol=0, atol=1e-10)
 def sampler(request, monkeypatch):
     """Both samplers; the 'gather' sampler in its two regimes: several kernel positions per step (small
     maps such as these tests': ``positions_per_step``) and one (large maps; forced here)."""
-    import nnunet_ext.nn.deformable_conv as deformable
+    import nnunet_ext.nn.deformable_conv.sampling as deformable_sampling
     if request.param == 'gather-one-position-per-step':
-        monkeypatch.setattr(deformable, 'STEP_ELEMENTS', 1)
+        monkeypatch.setattr(deformable_sampling, 'STEP_ELEMENTS', 1)
         return 'gather'
     return request.param
 
@@ -349,10 +349,10 @@ def test_samplers_agree_in_value_and_gradient(n, monkeypatch):
     spatial, kernel = ((9, 8), (3, 3)) if n == 2 else ((5, 6, 4), (3, 2, 3))
     x, off, w, b, m = _problem(spatial, 4, 6, kernel, groups=2, offset_groups=2, stride=(1,) + (2,) * (n - 1),
                                padding=1, dilation=(2,) + (1,) * (n - 1), seed=5, offset_range=3.0)
-    import nnunet_ext.nn.deformable_conv as deformable
+    import nnunet_ext.nn.deformable_conv.sampling as deformable_sampling
     results = []
-    for sampler, step_elements in (('gather', deformable.STEP_ELEMENTS), ('gather', 1), ('grid_sample', 1)):
-        monkeypatch.setattr(deformable, 'STEP_ELEMENTS', step_elements)
+    for sampler, step_elements in (('gather', deformable_sampling.STEP_ELEMENTS), ('gather', 1), ('grid_sample', 1)):
+        monkeypatch.setattr(deformable_sampling, 'STEP_ELEMENTS', step_elements)
         args = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
         y = deform_conv(args[0], args[1], args[2], args[3], (1,) + (2,) * (n - 1), 1, (2,) + (1,) * (n - 1),
                         mask=args[4], sampler=sampler)

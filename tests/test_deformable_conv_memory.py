@@ -256,9 +256,9 @@ def test_memory_estimate_matches_what_is_measured(ndim, kernel, offset_groups, m
     scratch) within 0.75x - 1.05x of the estimated temporary (forward within ~1%, backward up to ~20%
     above what is measured). Both regimes of the 'gather' sampler: one kernel position per step (large
     maps) and several (small maps, ``positions_per_step``)."""
-    import nnunet_ext.nn.deformable_conv as deformable
+    import nnunet_ext.nn.deformable_conv.sampling as deformable_sampling
     if steps == 'one position per step':
-        monkeypatch.setattr(deformable, 'STEP_ELEMENTS', 1)
+        monkeypatch.setattr(deformable_sampling, 'STEP_ELEMENTS', 1)
     torch.set_num_threads(1)
     channels, spatial = 32, ((24, 24) if ndim == 2 else (6, 10, 10))
     module = _lfam(ndim, channels=channels, guide=channels, kernel=kernel, offset_groups=offset_groups,

@@ -9,7 +9,7 @@
 * mixed precision: forward and backward under CPU autocast are finite: float16 (nnU-Net's CUDA dtype) in 2D
   and 3D, bfloat16 in 2D.
 
-The trainers, plans and batches are in ``gpu_readiness_helpers.py``.
+The trainers, plans and batches are in ``trainer_helpers.py`` (the tiny hand-written plans).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import gpu_readiness_helpers as h
+import trainer_helpers as h
 from ddp_gpu_readiness_worker import STEPS, worker
 from host_sync_trap import HostDeviceSync, trap_host_device_sync
 

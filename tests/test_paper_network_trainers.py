@@ -4,15 +4,11 @@ match the scales the trainer gives nnU-Net's data pipeline; 3D plans and a patch
 are refused with a clear message; a pruned export's plans build the pruned level."""
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-
 import pytest
 import torch
 
-from gpu_readiness_helpers import DATASET_JSON, tiny_plans, trainer_class
 from nnunet_ext.architectures.anunet import PRUNE_LEVEL_ENV
+from trainer_helpers import make_trainer, tiny
 
 ANUNET_PAPER = 'nnUNetTrainerANUNetPaper'
 RESUNET_PAPER = 'nnUNetTrainerResUNetPaper'
@@ -28,16 +24,13 @@ def _no_prune_env(monkeypatch):
 
 
 def _trainer(name, configuration='2d', channels=1, dataset_json=None, patch=None, arch_kwargs=None):
-    plans = copy.deepcopy(tiny_plans())
+    plans, base_dataset_json = tiny()
     if patch is not None:
         plans['configurations'][configuration]['patch_size'] = patch
     if arch_kwargs:
         plans['configurations'][configuration]['architecture']['arch_kwargs'].update(arch_kwargs)
-    dataset_json = {**DATASET_JSON, **(dataset_json or {}),
-                    'channel_names': {str(c): f'channel{c}' for c in range(channels)}}
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer = trainer_class(name)(plans, configuration, 0, dataset_json, torch.device('cpu'))
-    return trainer
+    variant = {**(dataset_json or {}), 'channel_names': {str(c): f'channel{c}' for c in range(channels)}}
+    return make_trainer(name, (plans, base_dataset_json), variant, configuration=configuration)
 
 
 def _network(trainer, channels=1, deep_supervision=True):
@@ -114,7 +107,12 @@ def test_3d_plans_are_refused_the_papers_networks_are_2d(name):
 
 
 def test_resunet_paper_takes_a_patch_anunet_paper_refuses():
-    _network(_trainer(RESUNET_PAPER, patch=[40, 40]))  # 40 = 5 * 8
+    """40 = 5 * 8: Zhang et al.'s network (3 poolings) divides it, ANU-Net's (4 poolings, 16) does not."""
+    with pytest.raises(ValueError, match=r"multiple of 16; these plans' patch is \[40, 40\]"):
+        _network(_trainer(ANUNET_PAPER, patch=[40, 40]))
+    network = _network(_trainer(RESUNET_PAPER, patch=[40, 40]))
+    outputs = network(torch.randn(1, 1, 40, 40))  # deep supervision: full, 1/2 and 1/4 resolution
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, 40, 40), (1, 3, 20, 20), (1, 3, 10, 10)]
 
 
 def test_pruned_plans_build_the_pruned_level():

@@ -4,10 +4,7 @@ epochs and batch, and their augmentation pipelines against ``torch.rot90`` and b
 scaling convention."""
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import io
 
 import numpy as np
 import pytest
@@ -19,11 +16,11 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from gpu_readiness_helpers import DATASET_JSON, tiny_plans, trainer_class
 from nnunet_ext.training.loss_mixins import DiceCELossMixin
 from nnunet_ext.training.recipes import (IFE_TEST_SIZE, IFE_TRAINING_SIZES, NNUNET_INTENSITY_TRANSFORMS,
                                          DiscreteChoice, EpochLRScheduler, PolyLR, RecipeAugmentation,
                                          RestartingStepLR, StepLR)
+from trainer_helpers import make_trainer, tiny
 
 RECIPE_TRAINERS = {  # name: (epochs, batch, initial lr, optimiser)
     'nnUNetTrainerGODCLFAMPaperRecipe': (1000, 2, 2e-4, torch.optim.Adam),
@@ -34,15 +31,29 @@ RECIPE_TRAINERS = {  # name: (epochs, batch, initial lr, optimiser)
     'nnUNetTrainerResUNetPaperRecipe': (1000, 2, 1e-2, torch.optim.SGD),  # the paper names none: nnU-Net's
 }
 
+# the rate at some epochs (0-based, as nnU-Net counts them), worked out by hand from the papers' words
+_MLL_LRS = {  # 1e-5 for epochs 0-7, halved every 2 epochs; reset to 1e-5 at epoch 12, halved every 2 from there
+    0: 1e-5, 7: 1e-5, 8: 5e-6, 9: 5e-6, 10: 2.5e-6, 11: 2.5e-6, 12: 1e-5, 13: 1e-5, 14: 5e-6, 15: 5e-6,
+    16: 2.5e-6, 17: 2.5e-6, 18: 1.25e-6, 19: 1.25e-6}
+RECIPE_LRS = {
+    'nnUNetTrainerGODCLFAMPaperRecipe': {0: 2e-4, 500: 2e-4, 999: 2e-4},  # no decay named: constant
+    'nnUNetTrainerIFECurvaturePaperRecipe': {0: 1e-4, 49: 1e-4, 50: 1e-5, 99: 1e-5},  # x 1/10 every 50 epochs
+    'nnUNetTrainerIFEEntropyPaperRecipe': {0: 1e-4, 49: 1e-4, 50: 1e-5, 99: 1e-5},
+    'nnUNetTrainerMLLPaperRecipe': _MLL_LRS,  # 20 epochs
+    'nnUNetTrainerMLNPaperRecipe': {**_MLL_LRS, 20: 6.25e-7, 21: 6.25e-7, 22: 3.125e-7, 24: 1.5625e-7},  # 25
+    # nnU-Net's poly, 1e-2 * (1 - epoch / 1000) ** 0.9: 1e-2 * 0.9 ** 0.9, 1e-2 * 0.5 ** 0.9, 1e-2 * 10 ** -2.7
+    'nnUNetTrainerResUNetPaperRecipe': {0: 1e-2, 100: 9.095325760829623e-3, 500: 5.358867312681466e-3,
+                                        999: 1.9952623149688786e-5},
+}
+
 pytestmark = pytest.mark.usefixtures('nnunet_folders')  # nnU-Net's trainers need its folders set
 
 
 def _trainer(name, configuration='2d', patch=None):
-    plans = copy.deepcopy(tiny_plans())
+    plans, dataset_json = tiny()
     if patch is not None:
         plans['configurations'][configuration]['patch_size'] = patch
-    with contextlib.redirect_stdout(io.StringIO()):
-        return trainer_class(name)(plans, configuration, 0, dict(DATASET_JSON), torch.device('cpu'))
+    return make_trainer(name, (plans, dataset_json), configuration=configuration)
 
 
 def _lrs(schedule, epochs, initial_lr=1.0):
@@ -86,11 +97,9 @@ def test_recipe_trainers_take_the_papers_optimiser_epochs_and_batch(name, monkey
     trainer.network = torch.nn.Conv2d(1, 3, 3)
     optimizer, scheduler = trainer.configure_optimizers()
     assert type(optimizer) is optimizer_class
-    scheduler.step(0)
-    assert optimizer.param_groups[0]['lr'] == pytest.approx(lr)
-    scheduler.step(epochs - 1)
-    expected_last = trainer.paper_recipe.lr_schedule(epochs - 1, lr, epochs)
-    assert optimizer.param_groups[0]['lr'] == pytest.approx(expected_last)
+    for epoch, expected in RECIPE_LRS[name].items():  # nnU-Net steps with the epoch; --c resumes mid-way
+        scheduler.step(epoch)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9), (name, epoch)
 
 
 def test_the_environment_still_shortens_a_recipe(monkeypatch):

@@ -35,8 +35,9 @@ from nnunet_ext.trainers.lfam_trainers import nnUNetTrainerLFAM
 from nnunet_ext.trainers.mln_trainers import nnUNetTrainerMLN
 from nnunet_ext.trainers.resunet_trainers import nnUNetTrainerResUNet, nnUNetTrainerResUNetGODCLFAM
 from nnunet_ext.training.architecture_mixins import PLAIN_UNET, residual_encoder_kwargs
-from nnunet_ext.training.memory_check import (MEMORY_TARGET_KEY, NNUNET_PLANNER_REFERENCES, MemoryReference,
-                                              memory_message, memory_ratio, memory_record, plans_memory_reference)
+from nnunet_ext.memory_check import memory_message, plans_memory_reference
+from nnunet_ext.training.memory_reference import (MEMORY_TARGET_KEY, NNUNET_PLANNER_REFERENCES, MemoryReference,
+                                                  memory_ratio, memory_record)
 from trainer_helpers import DATASET_ID, kept_for_backward, make_trainer
 
 PLANNERS = {  # planner: (trainer that trains on its plans, network that trainer builds, plans name)

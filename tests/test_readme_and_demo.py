@@ -30,10 +30,20 @@ def test_readme_fresh_machine_commands_and_ci_agree():
 
 
 def test_readme_trainer_table_matches_the_package():
+    """The registry (``nnunet_ext.registry.trainer_classes``) is the one list of our trainers."""
     from nnunet_ext.registry import trainer_classes
     readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
     listed = set(re.findall(r'^\| `(nnUNetTrainer\w+)` \|', readme, re.M))
     assert listed == set(trainer_classes())
+
+
+def test_docs_index_lists_every_trainer_of_the_package_on_its_method_page():
+    from nnunet_ext.registry import trainer_classes
+    index = open(os.path.join(ROOT, 'docs', 'README.md'), encoding='utf-8').read()
+    methods = index.split('## Methods', 1)[1].split('\n## ', 1)[0]
+    rows = [row for row in methods.splitlines() if row.startswith('| [')]
+    listed = [name for row in rows for name in re.findall(r'`(nnUNetTrainer\w+)`', row.split(' | ', 1)[1])]
+    assert sorted(listed) == sorted(trainer_classes())  # each once, none missing, none stale
 
 
 @pytest.mark.cli
@@ -41,7 +51,8 @@ def test_demo_runs_and_prints_the_dice_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}
     result = run(['nnunet-ext', 'demo', '--root', str(tmp_path / 'demo'), '--budget', '4',
                   '--iterations-per-epoch', '2', '--device', 'cpu'], env, cwd=str(tmp_path))
-    assert re.search(r'^\| trainer +\| epochs \| iterations \| train s \| Dice liver \| Dice tumour \| mean', result.stdout,
+    assert re.search(r'^\| trainer +\| epochs \| iterations \| train s \| Dice liver \| Dice tumour \| mean',
+                     result.stdout,
                      re.M), result.stdout
     rows = re.findall(r'^\| (nnUNetTrainer\w*) +\| 2 +\| 4 ', result.stdout, re.M)
     assert rows == ['nnUNetTrainer', 'nnUNetTrainerGODC']

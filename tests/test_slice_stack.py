@@ -81,20 +81,14 @@ def test_configurations_that_do_not_slice_along_the_stacked_axis_are_refused():
 
 @pytest.mark.parametrize('trainer', ['nnUNetTrainerMLL', 'nnUNetTrainerANUNetPaper'])
 def test_our_trainers_refuse_a_stacked_dataset_on_the_wrong_configuration(trainer, nnunet_folders):
-    """The check runs in every trainer of this package (``TrainingLengthFromEnvMixin.__init__``): tiny
+    """The check runs in every trainer of this package (``SliceStackCheckMixin.__init__``): tiny
     plans slice along axis 0 (``transpose_forward [0, 1, 2]``)."""
-    import contextlib
-    import io
-
-    import torch
-
-    from gpu_readiness_helpers import DATASET_JSON, tiny_plans, trainer_class
+    from trainer_helpers import make_trainer, tiny
 
     def build(configuration, axis):
-        dataset_json = {**DATASET_JSON, 'nnunet_ext_slices': SliceStack(3, axis).record({'0': 'CT'}, 'Dataset9_S')}
-        dataset_json['channel_names'] = {'0': 'CT', '1': 'CT', '2': 'CT'}
-        with contextlib.redirect_stdout(io.StringIO()):
-            return trainer_class(trainer)(tiny_plans(), configuration, 0, dataset_json, torch.device('cpu'))
+        stacked = {'nnunet_ext_slices': SliceStack(3, axis).record({'0': 'CT'}, 'Dataset9_S'),
+                   'channel_names': {'0': 'CT', '1': 'CT', '2': 'CT'}}
+        return make_trainer(trainer, tiny(), stacked, configuration=configuration)
     build('2d', 0)  # the stacked axis is the one the 2d plans slice along
     with pytest.raises(UserInputError, match='stacks neighbouring slices along array axis 2'):
         build('2d', 2)

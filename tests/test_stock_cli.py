@@ -1,7 +1,7 @@
 """Our trainers through the stock nnU-Net command line, as the README tells users to run them, on a tiny
 2D phantom dataset: plan_and_preprocess -> train (--npz; --c) -> find_best_configuration -> predict ->
-ensemble, for GODC, the paper's combination GODC + LFAM, and IFE with its paper's recipe; the predictor rebuilds the LFAM and IFE
-networks from the plans and loads their weights strictly. The planned phantom is shared with the other
+ensemble, for GODC, the paper's combination GODC + LFAM, and IFE with its paper's recipe; the predictor rebuilds
+the LFAM and IFE networks from the plans and loads their weights strictly. The planned phantom is shared with the other
 stock-CLI tests (``stock_phantoms``)."""
 from __future__ import annotations
 

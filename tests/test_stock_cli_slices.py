@@ -150,7 +150,8 @@ def test_mll_schedule_and_terms_are_logged_per_epoch(stacked):
     assert weights[2] == ('1', '0.4', '0')
     assert weights[11] == ('1', '1', '0') and weights[12] == ('1', '1', '1')
     for phase in ('train', 'val'):
-        terms = re.findall(rf'multi-level loss terms \({phase}, unweighted\): region (\S+), boundary (\S+), point (\S+)',
+        terms = re.findall(rf'multi-level loss terms \({phase}, unweighted\): '
+                           rf'region (\S+), boundary (\S+), point (\S+)',
                            log)
         assert len(terms) == 13, phase
         assert all(math.isfinite(float(v.rstrip(','))) for row in terms for v in row)

@@ -272,7 +272,8 @@ def test_structural_loss_is_the_weighted_sum_of_its_terms_with_deep_supervision(
     boundary = BoundaryLoss()
     expected = (0.5 * (2 / 3 * F.cross_entropy(outputs[0], torch.from_numpy(labels_full[:, 0]))
                        + 1 / 3 * F.cross_entropy(outputs[1], torch.from_numpy(labels_half[:, 0])))
-                + 0.3 * (2 / 3 * boundary(outputs[0], targets[0][:, 1:]) + 1 / 3 * boundary(outputs[1], targets[1][:, 1:]))
+                + 0.3 * (2 / 3 * boundary(outputs[0], targets[0][:, 1:])
+                         + 1 / 3 * boundary(outputs[1], targets[1][:, 1:]))
                 + 2.0 * points)
     torch.testing.assert_close(total, expected)
     means = loss.pop_term_means()
@@ -305,4 +306,5 @@ def test_missing_distance_maps_are_reported():
     with pytest.raises(ValueError, match='SignedDistanceTransform'):
         loss(torch.randn(1, 3, 8, 8), torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match='deep supervision'):
-        StructuralLoss(ToyRegion(), deep_supervision_weights=[1, 0])([torch.randn(1, 3, 8, 8)], [torch.zeros(1, 3, 8, 8)])
+        StructuralLoss(ToyRegion(), deep_supervision_weights=[1, 0])([torch.randn(1, 3, 8, 8)],
+                                                                     [torch.zeros(1, 3, 8, 8)])

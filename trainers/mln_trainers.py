@@ -2,13 +2,13 @@
 paper): the plans' U-Net with region, boundary and pixel branches fused by saliency guidance."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ext.trainer_base import LengthAndChecksMixin
 from nnunet_ext.training.loss_mixins import DiceCELossMixin
 from nnunet_ext.training.mln_mixins import MLNArchitectureMixin, MLNLossMixin
 from nnunet_ext.training.recipes import MLN_RECIPE, PaperRecipeMixin
-from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
 
 
-class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin, MLNArchitectureMixin,
+class nnUNetTrainerMLN(LengthAndChecksMixin, MLNLossMixin, DiceCELossMixin, MLNArchitectureMixin,
                        nnUNetTrainer):
     """MLN: the plans' U-Net + boundary, pixel (point attention) and fusion heads; Eq. 13 loss; predicts the fusion.
 
@@ -17,7 +17,7 @@ class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin
     for the first 12 epochs, then 1 (Section 4.1.1)."""
 
 
-class nnUNetTrainerMLNPaperRecipe(TrainingLengthFromEnvMixin, PaperRecipeMixin, MLNLossMixin, DiceCELossMixin,
+class nnUNetTrainerMLNPaperRecipe(LengthAndChecksMixin, PaperRecipeMixin, MLNLossMixin, DiceCELossMixin,
                                   MLNArchitectureMixin, nnUNetTrainer):
     """MLN with Dice region and fusion terms, trained with the paper's recipe (Section 4): Adam 1e-5, halved
     every 2 epochs after 8, reset at epoch 12; 25 epochs, batch 1, no augmentation."""

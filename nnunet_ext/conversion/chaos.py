@@ -49,7 +49,8 @@ def grey_to_label(case: str, png: str, grey: np.ndarray, modality: str, merge_ki
     if modality == 'CT':
         bad = np.setdiff1d(np.unique(grey), [0, 255])
         if bad.size:
-            raise UserInputError(f"{case}: CT ground truth {png} has grey values {bad[:10].tolist()}; expected 0 and 255")
+            raise UserInputError(f"{case}: CT ground truth {png} has grey values {bad[:10].tolist()}; "
+                                 f"expected 0 and 255")
         return (grey == 255).astype(np.uint8)
     values = label_values(merge_kidneys)
     label = np.zeros(grey.shape, np.uint8)
@@ -125,7 +126,8 @@ def find_patients(input_folder: str, modality: str) -> List[Tuple[int, str]]:
         parts = os.path.normpath(root).split(os.sep)
         if modality == 'CT' and len(parts) >= 2 and parts[-2] == 'CT' and parts[-1].isdigit():
             found.append((int(parts[-1]), root))
-        elif modality != 'CT' and len(parts) >= 3 and parts[-1] == modality and parts[-3] == 'MR' and parts[-2].isdigit():
+        elif (modality != 'CT' and len(parts) >= 3 and parts[-1] == modality and parts[-3] == 'MR'
+              and parts[-2].isdigit()):
             found.append((int(parts[-2]), root))
     if not found:
         raise UserInputError(f"no CHAOS {modality} patients below {input_folder} (expected "

@@ -94,7 +94,8 @@ def convert_case(case: str, folder: str, image_out: str, label_out: str, structu
 
 def convert_ircadb(input_folder: str, raw_root: str, dataset_id: int, name: str = 'IRCADb',
                    structures: Sequence[Tuple[str, int]] = DEFAULT_STRUCTURES, overwrite: bool = False,
-                   intensity: CTIntensity = CTIntensity(), num_processes: int = 2) -> Tuple[str, ConversionSummary, Dict[str, int]]:
+                   intensity: CTIntensity = CTIntensity(), num_processes: int = 2
+                   ) -> Tuple[str, ConversionSummary, Dict[str, int]]:
     patients = find_patients(input_folder)
     labels = label_names(structures)
     summary = ConversionSummary()

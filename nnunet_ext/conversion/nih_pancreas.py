@@ -76,7 +76,8 @@ def align_label(case: str, image: sitk.Image, label: sitk.Image) -> Tuple[sitk.I
     if stored != wanted:
         label = sitk.DICOMOrient(label, wanted)
     try:
-        check_same_grid(case, image, label, 'label' if stored == wanted else f'label (re-oriented {stored} -> {wanted})')
+        what = 'label' if stored == wanted else f'label (re-oriented {stored} -> {wanted})'
+        check_same_grid(case, image, label, what)
     except UserInputError as e:
         raise UserInputError(f"{e}; the label does not cover the CT's voxels, refusing to guess") from None
     return label, ('' if stored == wanted else f'{stored} -> {wanted}')
@@ -113,7 +114,8 @@ def convert_nih_pancreas(input_folder: str, raw_root: str, dataset_id: int, name
             writer.claim_case(case, patients[number])
             jobs.append((case, patients[number], labels[number], writer.image_path(case), writer.label_path(case),
                          intensity))
-        for job, (spacing, counts, reoriented) in zip(jobs, run_cases(convert_case, jobs, num_processes, 'Pancreas-CT')):
+        converted = run_cases(convert_case, jobs, num_processes, 'Pancreas-CT')
+        for job, (spacing, counts, reoriented) in zip(jobs, converted):
             summary.add('Tr', spacing, counts)
             if reoriented:
                 notes.append(f"{job[0]}: label re-oriented {reoriented}")

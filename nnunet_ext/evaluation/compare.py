@@ -112,8 +112,8 @@ def _evaluate_cases(runs: Dict[str, List[FoldRun]], references: Dict[str, str], 
         reader_class = determine_reader_writer_from_dataset_json(labels.dataset_json, example, verbose=False)
     except RuntimeError as e:
         raise UserInputError(f"no nnU-Net reader opens {example}: {e}") from None
-    results = run_cases(evaluate_case, [(*job, reader_class, labels.classes, labels.ignore_label, hd95) for job in jobs],
-                        num_processes, "evaluate", progress)
+    arguments = [(*job, reader_class, labels.classes, labels.ignore_label, hd95) for job in jobs]
+    results = run_cases(evaluate_case, arguments, num_processes, "evaluate", progress)
     return [{"trainer": trainer, "fold": fold, **result} for (trainer, fold), result in zip(keys, results)]
 
 

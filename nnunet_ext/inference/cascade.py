@@ -34,13 +34,16 @@ structure, a *fine* model segments inside its bounding box. It serves two papers
 Outputs are written into a hidden scratch folder inside the output folder and moved into place only
 after every case succeeded; on any error nothing new is left (an output folder created by this run is
 removed again).
+
+The checks that run before any work starts (options, model folders and their crop record, inputs) are in
+``cascade_checks.py`` (:func:`~nnunet_ext.inference.cascade_checks.check_cascade`); this module runs the
+stages. ``StageModel``, ``Refinement``, ``list_cases``, ``DEFAULT_FOLDS`` and ``PAPER_REFINEMENT`` are
+defined there and importable from here as well.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -50,15 +53,11 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from nnunet_ext.conversion.crop_to_label import (RECORD_KEY, Box, CropLabels, bounding_box, crop_image,
-                                                 margin_in_voxels, paste, sitk_spacing)
+from nnunet_ext.conversion.crop_to_label import Box, bounding_box, crop_image, margin_in_voxels, paste, sitk_spacing
 from nnunet_ext.conversion.geometry import check_same_grid
-from nnunet_ext.conversion.raw_dataset import case_channel_files
 from nnunet_ext.conversion.readers import checked_label_counts, read_image
-from nnunet_ext.errors import UserInputError
-
-DEFAULT_FOLDS = ('0', '1', '2', '3', '4')  # nnUNetv2_predict's default
-PAPER_REFINEMENT = (10, 0.99)  # multi-level paper, Section 4.1: T_max = 10, tol = 0.99
+from nnunet_ext.inference.cascade_checks import (DEFAULT_FOLDS, PAPER_REFINEMENT, Refinement,  # noqa: F401
+                                                 StageModel, check_cascade, list_cases)
 
 
 # ---------------------------------------------------------------- the pure part
@@ -94,72 +93,7 @@ def relative_dice(previous: np.ndarray, current: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(previous & current)) / total
 
 
-@dataclass(frozen=True)
-class Refinement:
-    """The test-time refinement of the coarse-to-fine framework (Algorithm 1): at most ``max_rounds`` fine
-    rounds in all (1: no refinement), stopping a case when RDSC >= ``tolerance``."""
-    max_rounds: int = 1
-    tolerance: float = PAPER_REFINEMENT[1]
-
-    def __post_init__(self):
-        if self.max_rounds < 1:
-            raise UserInputError(f"--refine takes the number of fine rounds in all (>= 1), got {self.max_rounds}")
-        if not 0 < self.tolerance <= 1:
-            raise UserInputError(f"--refine_tol is a relative Dice in (0, 1], got {self.tolerance}")
-
-
-# ---------------------------------------------------------------- models and inputs
-@dataclass(frozen=True)
-class StageModel:
-    """A trained nnU-Net model: ``DATASET CONFIG TRAINER [FOLD ...]`` and the plans identifier."""
-    dataset: str
-    configuration: str
-    trainer: str
-    plans: str
-    folds: Tuple[str, ...]
-    option: str  # the command-line option, for messages
-
-    @classmethod
-    def parse(cls, values: Sequence[str], plans: str, option: str) -> 'StageModel':
-        if len(values) < 3:
-            raise UserInputError(f"{option} takes DATASET CONFIG TRAINER [FOLD ...], got {' '.join(values)}")
-        folds = tuple(values[3:]) or DEFAULT_FOLDS
-        bad = [f for f in folds if f != 'all' and not re.fullmatch(r'\d+', f)]
-        if bad:
-            raise UserInputError(f"{option}: folds are numbers or 'all', got {bad}")
-        return cls(values[0], values[1], values[2], plans, folds, option)
-
-    def folder(self, checkpoint: str) -> str:
-        """The model folder in nnUNet_results, checked to hold ``checkpoint`` for every fold."""
-        from nnunet_ext.nnunet_glue import dataset_name
-        from nnunetv2.utilities.file_path_utilities import get_output_folder
-        folder = get_output_folder(dataset_name(self.dataset), self.trainer, self.plans, self.configuration)
-        if not os.path.isdir(folder):
-            raise UserInputError(f"{self.option}: no trained model {folder} (train it with nnUNetv2_train "
-                                 f"{self.dataset} {self.configuration} FOLD -tr {self.trainer} -p {self.plans})")
-        missing = [f for f in self.folds if not os.path.isfile(os.path.join(folder, f'fold_{f}', checkpoint))]
-        if missing:
-            raise UserInputError(f"{self.option}: {folder} has no {checkpoint} for fold(s) {', '.join(missing)}")
-        return folder
-
-
-def _dataset_json(folder: str) -> dict:
-    with open(os.path.join(folder, 'dataset.json'), encoding='utf-8') as f:
-        return json.load(f)
-
-
-def list_cases(folder: str, file_ending: str, channels: int) -> Dict[str, List[str]]:
-    """``{case: [channel files]}`` of an nnU-Net input folder (``CASE_XXXX<file_ending>``), every case with
-    exactly the channels ``0 .. channels - 1``."""
-    if not os.path.isdir(folder):
-        raise UserInputError(f"-i {folder!r} is not a folder")
-    found = case_channel_files(folder, file_ending, channels, 'the models')
-    if not found:
-        raise UserInputError(f"no CASE_0000{file_ending} images in {folder} (the models were trained on "
-                             f"{file_ending} files, nnU-Net naming)")
-    return found
-
-
+# ---------------------------------------------------------------- the predictor
 @dataclass(frozen=True)
 class PredictorSettings:
     """The nnUNetv2_predict options the cascade passes on (to both stages)."""
@@ -260,20 +194,6 @@ class CascadeResult:
     stopped: Dict[str, str] = field(default_factory=dict)  # why the refinement of a case stopped
 
 
-def _read_record(fine_folder: str, option: str) -> Tuple[dict, CropLabels]:
-    fine_json = _dataset_json(fine_folder)
-    record = fine_json.get(RECORD_KEY)
-    if record is None:
-        raise UserInputError(f"{option}: {fine_folder}/dataset.json has no '{RECORD_KEY}' record: the fine model "
-                             f"must be trained on a dataset made with nnunet-ext convert ... --crop-to-label LABEL")
-    labels = CropLabels.from_record(record)
-    model_labels = {k: v for k, v in fine_json['labels'].items()}
-    if model_labels != labels.crop_dataset_labels:
-        raise UserInputError(f"{option}: the model's labels {model_labels} differ from its crop record "
-                             f"{labels.crop_dataset_labels}")
-    return fine_json, labels
-
-
 class _FineStage:
     """The fine rounds of every case (module docstring, step 3), state kept on disk in ``scratch``."""
 
@@ -359,43 +279,10 @@ def run_cascade(input_folder: str, output_folder: str, fine: StageModel, coarse:
     """Runs the cascade (module docstring) from the images in ``input_folder`` into ``output_folder``.
     Exactly one of ``coarse`` (a model) and ``coarse_masks`` (a folder of coarse label maps named
     ``<case><file_ending>``, numbered as the fine dataset's source labels) is given."""
-    if (coarse is None) == (coarse_masks is None):
-        raise UserInputError("give either --coarse DATASET CONFIG TRAINER [FOLD ...] or --coarse_masks DIR")
-    if save_coarse_masks is not None and coarse is None:
-        raise UserInputError("--save_coarse_masks saves the coarse model's masks; with --coarse_masks there are none")
-    fine_folder = fine.folder(settings.checkpoint)
-    fine_json, labels = _read_record(fine_folder, fine.option)
-    record = fine_json[RECORD_KEY]
-    if refinement.max_rounds > 1 and not labels.keeps_crop_label:
-        raise UserInputError(f"--refine re-crops to the fine model's prediction, so the fine model must segment the "
-                             f"crop label itself; {fine_folder} segments {', '.join(labels.kept)} inside "
-                             f"{labels.crop_label} (make its dataset with --crop-to-label {labels.crop_label} "
-                             f"--crop-keep {labels.crop_label} ...)")
-    if margin_mm is not None and not np.isclose(margin_mm, record['margin_mm'], rtol=0, atol=1e-6):
-        raise UserInputError(f"--margin {margin_mm:g} mm, but the fine model was trained on crops with a "
-                             f"{record['margin_mm']:g} mm margin (nnunet-ext convert --crop-margin); they must agree")
-    file_ending, channels = fine_json['file_ending'], len(fine_json['channel_names'])
-    if coarse is not None:
-        coarse_folder = coarse.folder(settings.checkpoint)
-        coarse_json = _dataset_json(coarse_folder)
-        if labels.crop_label not in coarse_json['labels']:
-            raise UserInputError(f"{coarse.option}: the model's labels {coarse_json['labels']} have no "
-                                 f"{labels.crop_label!r}, the label the fine model's crops were made of")
-        region_values = tuple(int(coarse_json['labels'][n]) for n in labels.region_labels
-                              if n in coarse_json['labels'])
-        if coarse_json['file_ending'] != file_ending or len(coarse_json['channel_names']) != channels:
-            raise UserInputError(f"the coarse model takes {len(coarse_json['channel_names'])} channel(s) of "
-                                 f"{coarse_json['file_ending']} files, the fine model {channels} of {file_ending}")
-    else:
-        if not os.path.isdir(coarse_masks):
-            raise UserInputError(f"--coarse_masks {coarse_masks!r} is not a folder")
-        region_values = labels.region_values
-    cases = list_cases(input_folder, file_ending, channels)
-    if coarse_masks is not None:
-        missing = [c for c in cases if not os.path.isfile(os.path.join(coarse_masks, c + file_ending))]
-        if missing:
-            raise UserInputError(f"--coarse_masks: no {missing[0]}{file_ending} in {coarse_masks} "
-                                 f"({len(missing)} case(s) missing)")
+    plan = check_cascade(input_folder, fine, coarse, coarse_masks, settings.checkpoint, margin_mm, save_coarse_masks,
+                         refinement)
+    fine_folder, coarse_folder, labels = plan.fine_folder, plan.coarse_folder, plan.labels
+    file_ending, cases, region_values = plan.file_ending, plan.cases, plan.region_values
     allowed = sorted(labels.source.values()) if coarse_masks is not None else None
     crop_value = labels.source[labels.crop_label]
     fine_values = {v: k for k, v in labels.value_map.items()}  # crop value -> source value
@@ -412,7 +299,7 @@ def run_cascade(input_folder: str, output_folder: str, fine: StageModel, coarse:
             StagePredictor(coarse_folder, coarse.folds, settings).predict(cases, stage1)
         mask_path = {case: os.path.join(stage1, case + file_ending) for case in cases}
         fine_stage = _FineStage(StagePredictor(fine_folder, fine.folds, settings), cases, file_ending, scratch,
-                                record['margin_mm'], labels.crop_label, log)
+                                plan.record['margin_mm'], labels.crop_label, log)
         fine_stage.first((case, read_coarse_region(case, cases[case][0], mask_path[case], region_values, allowed))
                          for case in tqdm(sorted(cases), desc=f'reading the coarse {labels.crop_label}',
                                           unit='case', disable=not settings.progress))

@@ -111,7 +111,8 @@ def prune_model_folder(model_folder: str, level: int, output_folder: str, folds:
             checkpoint = torch.load(path, map_location='cpu', weights_only=False)
             network = _nested_network(plans, dataset_json, checkpoint)
             if not 1 <= level <= network.max_level:
-                raise UserInputError(f"--level {level}: this {type(network).__name__} has levels 1..{network.max_level}")
+                raise UserInputError(f"--level {level}: this {type(network).__name__} has levels "
+                                     f"1..{network.max_level}")
             network.load_state_dict(checkpoint['network_weights'], strict=True)
             configuration = checkpoint['init_args']['configuration']
             new_plans = pruned_plans(plans, configuration, level)

@@ -25,6 +25,7 @@ from torch import nn
 from nnunet_ext.architectures.anunet import PRUNE_LEVEL_ENV
 from nnunet_ext.losses.hybrid import HybridLoss, NNUNetTargetHybridLoss
 from nnunet_ext.training.architecture_mixins import PLAIN_UNET
+from nnunet_ext.training.deep_supervision import DeepSupervisionHeadsMixin
 from nnunet_ext.training.loss_mixins import DeepSupervisedLossMixin
 
 ANUNET = 'nnunet_ext.architectures.anunet.ANUNet'
@@ -32,15 +33,18 @@ UNET_PLUS_PLUS = 'nnunet_ext.architectures.anunet.UNetPlusPlus'
 NESTED_NETWORKS = (ANUNET, UNET_PLUS_PLUS)
 
 
-class NestedUNetArchitectureMixin:
+class NestedUNetArchitectureMixin(DeepSupervisionHeadsMixin):
     """The plans' topology as a nested U-Net (``nested_network``: ANU-Net by default, UNet++ for the
-    ablation), full-resolution deep-supervision heads with equal weights.
+    ablation), full-resolution deep-supervision heads with equal weights. It owns the heads' weights
+    (a refinement of ``DeepSupervisionHeadsMixin``), so any loss mixin, in any order of the bases, weighs
+    the heads equally.
 
     Class attributes: ``nested_network`` (dotted class path), ``anunet_head_weights`` (None: equal;
     else one weight per head, highest level first), ``anunet_upsampling_norm`` (False: nnU-Net's bare
     transposed convolution; True: followed by norm and nonlinearity as in the paper).
     """
 
+    cooperative_hooks = frozenset({'on_train_start'})
     nested_network: str = ANUNET
     anunet_head_weights: Optional[Sequence[float]] = None
     anunet_upsampling_norm: bool = False

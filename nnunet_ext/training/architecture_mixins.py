@@ -12,6 +12,8 @@ from typing import Dict
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+from nnunet_ext.training.composition import TrainerMixin
+
 PLAIN_UNET = 'dynamic_network_architectures.architectures.unet.PlainConvUNet'
 RESENC_UNET = 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'
 # blocks per encoder stage of nnU-Net's residual-encoder presets (ResEncUNetPlanner.UNet_blocks_per_stage_encoder)
@@ -26,7 +28,7 @@ def residual_encoder_kwargs(plain_kwargs: dict) -> dict:
     return kwargs
 
 
-class PlansUNetVariantMixin:
+class PlansUNetVariantMixin(TrainerMixin):
     """Builds a variant of the plans' U-Net (``PlainConvUNet`` or ``ResidualEncoderUNet``): the class
     in ``variant_networks`` for the plans' class, with the plans' keywords plus ``variant_kwargs()``.
 

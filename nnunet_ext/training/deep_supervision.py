@@ -1,8 +1,11 @@
-"""Deep-supervision loss wrapping as nnU-Net does it, with the length check it leaves out."""
+"""Deep supervision: the heads' weights (one owner, :class:`DeepSupervisionHeadsMixin`) and the loss
+wrapping as nnU-Net does it, with the length check it leaves out."""
 from __future__ import annotations
 
 import numpy as np
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+from nnunet_ext.training.composition import TrainerMixin
 
 
 class StrictDeepSupervisionWrapper(DeepSupervisionWrapper):
@@ -33,3 +36,18 @@ def nnunet_deep_supervision_weights(num_outputs: int, keep_lowest: bool = False)
     weights = np.array([1 / (2 ** i) for i in range(num_outputs)])
     weights[-1] = 1e-6 if keep_lowest else 0
     return weights / weights.sum()
+
+
+class DeepSupervisionHeadsMixin(TrainerMixin):
+    """Owner of ``_deep_supervision_weights()``, the weight of each deep-supervision head: nnU-Net's
+    (:func:`nnunet_deep_supervision_weights` over ``_get_deep_supervision_scales()``; the lowest kept at 1e-6
+    under DDP without compile, nnU-Net's unused-parameter workaround).
+
+    Loss mixins read the weights; an architecture whose heads are not nnU-Net's pyramid (ANU-Net's
+    full-resolution heads, Eq. 8's equal weights) subclasses this mixin and overrides the method, so its
+    weights win whatever the order of the trainer's bases (``nnunet_ext.training.composition``)."""
+
+    def _deep_supervision_weights(self) -> np.ndarray:
+        scales = self._get_deep_supervision_scales()
+        keep_lowest = self.is_ddp and not self._do_i_compile()  # nnU-Net's DDP unused-parameter workaround
+        return nnunet_deep_supervision_weights(len(scales), keep_lowest=keep_lowest)

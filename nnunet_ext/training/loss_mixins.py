@@ -2,11 +2,12 @@
 
 A trainer combines one loss mixin with an architecture (mixin or base trainer) by inheritance::
 
-    class nnUNetTrainerGODC(TrainingLengthFromEnvMixin, GODCLossMixin, nnUNetTrainer): ...
+    class nnUNetTrainerGODC(LengthAndChecksMixin, GODCLossMixin, nnUNetTrainer): ...
 
 Every mixin builds the per-output loss in ``_build_output_loss``; ``DeepSupervisedLossMixin``
-wraps it for deep supervision exactly as nnU-Net does (weights ``1/2**i``, lowest 0, normalised),
-with the length check nnU-Net leaves out.
+wraps it for deep supervision as nnU-Net does, with the length check nnU-Net leaves out, weighting the
+heads with ``_deep_supervision_weights()`` (nnU-Net's ``1/2**i``, lowest 0, normalised, unless the
+architecture mixin owns other weights: ``DeepSupervisionHeadsMixin``).
 """
 from __future__ import annotations
 
@@ -16,19 +17,16 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import nn
 
 from nnunet_ext.losses import GODCLoss
-from nnunet_ext.training.deep_supervision import StrictDeepSupervisionWrapper, nnunet_deep_supervision_weights
+from nnunet_ext.training.deep_supervision import DeepSupervisionHeadsMixin, StrictDeepSupervisionWrapper
 
 
-class DeepSupervisedLossMixin:
-    """``_build_loss`` = ``_build_output_loss`` wrapped for deep supervision the way nnU-Net does it."""
+class DeepSupervisedLossMixin(DeepSupervisionHeadsMixin):
+    """``_build_loss`` = ``_build_output_loss`` wrapped for deep supervision the way nnU-Net does it, the
+    heads weighted by ``_deep_supervision_weights()`` (owned by ``DeepSupervisionHeadsMixin``: nnU-Net's, or
+    the architecture's)."""
 
     def _build_output_loss(self) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must implement _build_output_loss")
-
-    def _deep_supervision_weights(self):
-        scales = self._get_deep_supervision_scales()
-        keep_lowest = self.is_ddp and not self._do_i_compile()  # nnU-Net's DDP unused-parameter workaround
-        return nnunet_deep_supervision_weights(len(scales), keep_lowest=keep_lowest)
 
     def _build_loss(self):
         loss = self._build_output_loss()

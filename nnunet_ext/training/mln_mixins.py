@@ -2,12 +2,14 @@
 as trainer mixins: the architecture (:mod:`nnunet_ext.architectures.mln_unet`) and the loss of Eq. 13
 (:mod:`nnunet_ext.losses.mln`)::
 
-    class nnUNetTrainerMLN(TrainingLengthFromEnvMixin, MLNLossMixin, DiceCELossMixin, MLNArchitectureMixin,
+    class nnUNetTrainerMLN(LengthAndChecksMixin, MLNLossMixin, DiceCELossMixin, MLNArchitectureMixin,
                            nnUNetTrainer): ...
 
-``MLNLossMixin`` is the multi-level loss mixin (:class:`~nnunet_ext.training.structural_mixins.StructuralLossMixin`)
-with the MLN's loss and schedule: it keeps that mixin's data pipeline (the signed distance maps appended to
-every target by ``SignedDistanceTransform``), its validation step (nnU-Net's, whose loss sees the distance
+``MLNLossMixin`` shares the multi-level loss mixin's training machinery
+(:class:`~nnunet_ext.training.structural_mixins.StructuralTrainingMixin`) and brings its own loss, schedule
+and options; the options of the multi-level loss (``mll_point_term``, ``mll_num_points``, ...) are not
+its own, so MLN trainers do not have them. Shared: the data pipeline (the signed distance maps appended
+to every target by ``SignedDistanceTransform``), the validation step (nnU-Net's, whose loss sees the distance
 maps and whose online pseudo-Dice sees the labels and ``output[0]``, the fused prediction) and its
 per-epoch log of the weights and of each unweighted term. The region term ``E_R`` is the next loss
 mixin's (nnU-Net's Dice + CE with ``DiceCELossMixin``).
@@ -19,9 +21,9 @@ prediction, its inference contract).
 from __future__ import annotations
 
 from nnunet_ext.losses.mln import MLNLoss, MLNSchedule, SignedDistanceRegressionLoss
+from nnunet_ext.nn.unwrap import unwrapped_network
 from nnunet_ext.training.architecture_mixins import PLAIN_UNET, RESENC_UNET, PlansUNetVariantMixin
-from nnunet_ext.training.memory_check import unwrapped_network
-from nnunet_ext.training.structural_mixins import StructuralLossMixin
+from nnunet_ext.training.structural_mixins import StructuralTrainingMixin
 
 __all__ = ["MLNArchitectureMixin", "MLNLossMixin"]
 
@@ -52,7 +54,7 @@ class MLNArchitectureMixin(PlansUNetVariantMixin):
                     mln_num_heads=cls.mln_num_heads)
 
 
-class MLNLossMixin(StructuralLossMixin):
+class MLNLossMixin(StructuralTrainingMixin):
     """Eq. 13: ``E_R(P^region) + alpha E_B^S(P^boundary) + beta E_P(L^pixel) + gamma E_R(P^fusion)``.
 
     Class attributes: ``mll_schedule`` (an :class:`~nnunet_ext.losses.mln.MLNSchedule`: alpha from 0 by 0.2

@@ -35,6 +35,7 @@ from torch import nn
 from nnunet_ext.architectures.anunet import ANUNet
 from nnunet_ext.architectures.resunet import PreActResUNet
 from nnunet_ext.training.anunet_mixins import NestedUNetArchitectureMixin
+from nnunet_ext.training.composition import TrainerMixin
 
 ANUNET_PAPER_LEVELS = 4
 ANUNET_PAPER_DOWNSAMPLING = 2 ** ANUNET_PAPER_LEVELS
@@ -79,7 +80,7 @@ class PaperANUNetArchitectureMixin(NestedUNetArchitectureMixin):
         return ANUNET_PAPER_LEVELS
 
 
-class PaperResUNetArchitectureMixin:
+class PaperResUNetArchitectureMixin(TrainerMixin):
     """Zhang et al.'s residual U-Net (``PreActResUNet.paper_preset``: 64/128/256 + 512 bridge, BatchNorm,
     one pre-activation unit per level) with the plans' channels and classes, 2D only;
     deep-supervision heads at 1, 1/2 and 1/4 of the patch, weighted as nnU-Net weights its own."""

@@ -6,9 +6,9 @@ nnU-Net trains every trainer with its own recipe: SGD with Nesterov momentum 0.9
 with a poly schedule, 1000 epochs of 250 iterations, the plans' batch, and its full augmentation
 (rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma, mirroring). A
 :class:`PaperRecipe` states a paper's recipe; :class:`PaperRecipeMixin` puts it into nnU-Net's hooks
-(``configure_optimizers``, ``_set_batch_size_and_oversample``,
-``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, ``get_training_transforms``), and
-``TrainingLengthFromEnvMixin`` may still shorten the run (``nnUNet_ext_num_epochs``) for a trial.
+(``configure_optimizers``, ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``,
+``get_training_transforms``, the batch size), and the environment may still shorten the run
+(``nnUNet_ext_num_epochs``) for a trial.
 
 What stays nnU-Net's in every recipe, and why:
 
@@ -42,6 +42,8 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch.optim.lr_scheduler import _LRScheduler
+
+from nnunet_ext.training.schedule import TrainingLengthFromEnvMixin
 
 # nnU-Net's intensity augmentations (nnUNetTrainer.get_training_transforms), each wrapped in a RandomTransform
 NNUNET_INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
@@ -192,31 +194,38 @@ def _axes(axes: Sequence[int], dim: int) -> Tuple[int, ...]:
     return tuple(sorted({a % dim for a in axes}))
 
 
-class PaperRecipeMixin:
+class PaperRecipeMixin(TrainingLengthFromEnvMixin):
     """Trains with ``paper_recipe`` (a :class:`PaperRecipe`) instead of nnU-Net's recipe.
 
-    Goes after ``TrainingLengthFromEnvMixin`` in the bases (so the environment can still shorten a run)
-    and before the loss and architecture mixins. Sets ``num_epochs``, ``initial_lr``, ``weight_decay``
-    and the batch size (a copy of the configuration with the recipe's batch, so nnU-Net's DDP split of the
-    global batch applies unchanged; the plans on disk are not touched).
+    Sets ``num_epochs`` (as the trainer's own length: a refinement of ``TrainingLengthFromEnvMixin``, so
+    ``nnUNet_ext_num_epochs`` still shortens a trial run, whatever the order of the bases), ``initial_lr``,
+    ``weight_decay`` and the batch size (a copy of the configuration with the recipe's batch, so nnU-Net's
+    DDP split of the global batch applies unchanged; the plans on disk are not touched).
     """
 
+    cooperative_hooks = frozenset({'__init__', 'get_training_transforms'})
     paper_recipe: PaperRecipe = None
+
+    def _recipe(self) -> PaperRecipe:
+        recipe = self.paper_recipe
+        if not isinstance(recipe, PaperRecipe):
+            raise TypeError(f"{type(self).__name__}.paper_recipe must be a PaperRecipe, got {recipe!r}")
+        return recipe
+
+    def _default_training_length(self) -> dict:
+        return {**super()._default_training_length(), 'num_epochs': self._recipe().num_epochs}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        recipe = self.paper_recipe
-        if not isinstance(recipe, PaperRecipe):
-            raise TypeError(f"{type(self).__name__}.paper_recipe must be a PaperRecipe, got {recipe!r}")
-        self.num_epochs = recipe.num_epochs
+        recipe = self._recipe()
         self.initial_lr = recipe.initial_lr
         self.weight_decay = recipe.weight_decay
         if recipe.batch_size is not None:
             self.configuration_manager = ConfigurationManager(
                 {**self.configuration_manager.configuration, 'batch_size': recipe.batch_size})
         self.print_to_log_file(f"nnunet-ext: paper recipe ({recipe.source}): {recipe.optimizer}, initial lr "
-                               f"{recipe.initial_lr:g}, {recipe.num_epochs} epochs, batch "
+                               f"{recipe.initial_lr:g}, {self.num_epochs} epochs, batch "
                                f"{self.configuration_manager.batch_size}, augmentation {recipe.augmentation}")
         for note in recipe.notes:
             self.print_to_log_file(f"nnunet-ext: paper recipe: {note}")

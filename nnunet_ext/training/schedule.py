@@ -16,8 +16,7 @@ import os
 
 import torch
 
-from nnunet_ext.conversion.slice_stack import check_training_configuration
-from nnunet_ext.training.memory_check import DEFAULT_THRESHOLD, check_memory_target
+from nnunet_ext.training.composition import TrainerMixin
 
 TRAINING_LENGTH_VARIABLES = {
     'nnUNet_ext_num_epochs': 'num_epochs',
@@ -43,31 +42,27 @@ def training_length_overrides(environ=os.environ) -> dict:
     return overrides
 
 
-class TrainingLengthFromEnvMixin:
-    """Applies ``training_length_overrides()`` right after nnU-Net's ``__init__`` (before the
-    learning-rate schedule is built, which depends on ``num_epochs``), and, once at training start,
-    checks the built network against the memory its plans were sized for
-    (:func:`nnunet_ext.training.memory_check.check_memory_target`: a warning in the training log and
-    on stderr, naming the planner to run, when it needs more than ``memory_check_threshold`` times
-    that; ``None`` turns the check off). It also refuses a 2.5D-stacked dataset on a configuration that
-    does not slice along its stacking axis (``slice_stack.check_training_configuration``). Every trainer
-    of this package includes this mixin."""
+class TrainingLengthFromEnvMixin(TrainerMixin):
+    """Applies ``training_length_overrides()`` right after nnU-Net's ``__init__`` (before the learning-rate
+    schedule is built, which depends on ``num_epochs``), on top of the trainer's own length
+    (``_default_training_length()``: nnU-Net's, left as its ``__init__`` set it; a paper recipe's, which
+    refines this hook by subclassing, so the environment wins in any order of the bases)."""
 
-    memory_check_threshold = DEFAULT_THRESHOLD
+    cooperative_hooks = frozenset({'__init__'})
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         # exact signature of nnUNetTrainer.__init__: it records its arguments by inspecting it
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_training_configuration(dataset_json, self.plans_manager.transpose_forward,
-                                     len(self.configuration_manager.patch_size), configuration)
+        for attribute, value in self._default_training_length().items():
+            setattr(self, attribute, value)
         overrides = training_length_overrides()
         for attribute, value in overrides.items():
             setattr(self, attribute, value)
         if overrides:
             self.print_to_log_file(f"nnunet-ext: training length from environment: {overrides}")
 
-    def on_train_start(self):
-        super().on_train_start()  # nnU-Net's: initialize() (builds the network), data loaders, plans printed
-        if self.memory_check_threshold is not None:
-            check_memory_target(self, self.memory_check_threshold)
+    def _default_training_length(self) -> dict:
+        """``{trainer attribute: value}`` of the trainer's own training length before the environment's
+        overrides; empty: nnU-Net's (1000 epochs of 250 + 50 iterations)."""
+        return {}

@@ -16,74 +16,24 @@ we do not know is taken as nnU-Net's default one; the message says which. Above 
 the trainer writes a warning to its log and to stderr naming the planner that sizes patch and batch
 for that network (``nnunet-ext plan ID -pl NAME``).
 
-The check runs once at trainer start (``TrainingLengthFromEnvMixin.on_train_start``) on the network
-already built: arithmetic only, no second network.
+The check runs once at trainer start (:class:`MemoryCheckMixin`, part of every trainer of this package)
+on the network already built: arithmetic only, no second network. It names our planners
+(:func:`nnunet_ext.discovery.planner_classes`), so it sits above ``nnunet_ext.plans`` in the dependency
+order; the references the planners record are :mod:`nnunet_ext.training.memory_reference`, below it.
 """
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
-MEMORY_TARGET_KEY = 'nnunet_ext_memory_target'
-DEFAULT_THRESHOLD = 1.5
+from nnunet_ext.discovery import planner_classes
+from nnunet_ext.nn.unwrap import unwrapped_network
+from nnunet_ext.training.composition import TrainerMixin
+from nnunet_ext.training.memory_reference import (DEFAULT_THRESHOLD, MEMORY_TARGET_KEY, NNUNET_PLANNER_REFERENCES,
+                                                  MemoryReference, memory_ratio)
 
-
-@dataclass(frozen=True)
-class MemoryReference:
-    """A planner's memory reference: ``reference_val_{2d,3d}`` of ``compute_conv_feature_map_size`` at
-    batch ``reference_bs_{2d,3d}`` correspond to ``reference_gb``; patch and batch were sized for
-    ``target_gb`` (the reference scales by ``target_gb / reference_gb``)."""
-
-    target_gb: float
-    reference_gb: float
-    reference_val_2d: float
-    reference_val_3d: float
-    reference_bs_2d: int
-    reference_bs_3d: int
-
-    def reference(self, ndim: int) -> Tuple[float, int]:
-        """``(reference value at the target, its batch size)`` for 2 or 3 spatial dimensions."""
-        if ndim not in (2, 3):
-            raise ValueError(f"nnU-Net plans 2D or 3D patches, got {ndim} dimensions")
-        value = self.reference_val_2d if ndim == 2 else self.reference_val_3d
-        bs = self.reference_bs_2d if ndim == 2 else self.reference_bs_3d
-        return value * self.target_gb / self.reference_gb, bs
-
-    @classmethod
-    def of_planner(cls, planner) -> 'MemoryReference':
-        """The reference of an ``ExperimentPlanner`` instance (its attributes, as its planning uses them)."""
-        return cls(float(planner.UNet_vram_target_GB), float(planner.UNet_reference_val_corresp_GB),
-                   float(planner.UNet_reference_val_2d), float(planner.UNet_reference_val_3d),
-                   int(planner.UNet_reference_val_corresp_bs_2d), int(planner.UNet_reference_val_corresp_bs_3d))
-
-
-_DEFAULT = MemoryReference(8, 8, 85000000, 560000000, 12, 2)
-_RESENC = MemoryReference(8, 8, 135000000, 680000000, 12, 2)
-# nnU-Net 2.8.1's planners at their default targets (their __init__ sets these; tests/test_planners.py
-# compares them with real instances)
-NNUNET_PLANNER_REFERENCES = {
-    'ExperimentPlanner': _DEFAULT,
-    'ResEncUNetPlanner': _RESENC,
-    'nnUNetPlannerResEncM': _RESENC,
-    'nnUNetPlannerResEncL': MemoryReference(24, 24, 380000000, 2100000000, 12, 2),
-    'nnUNetPlannerResEncXL': MemoryReference(40, 40, 560000000, 3600000000, 12, 2),
-}
-
-
-def memory_record(planner, planned_network: Optional[str] = None) -> dict:
-    """What our planners write under ``MEMORY_TARGET_KEY``: the reference they sized patch and batch
-    with (target included) and the network class whose estimate they used."""
-    record = asdict(MemoryReference.of_planner(planner))
-    record['planner'] = type(planner).__name__
-    record['planned_network'] = planned_network
-    return record
-
-
-def _ours_by_name(name: str):
-    from nnunet_ext.registry import planner_classes
-    return planner_classes().get(name)
+_DEFAULT = NNUNET_PLANNER_REFERENCES['ExperimentPlanner']
 
 
 def plans_memory_reference(plans: dict) -> Tuple[MemoryReference, str]:
@@ -102,7 +52,7 @@ def plans_memory_reference(plans: dict) -> Tuple[MemoryReference, str]:
         reference = NNUNET_PLANNER_REFERENCES[planner_name]
         return reference, (f"{planner_name} at its default {reference.target_gb:g} GB (nnU-Net's plans do not "
                            f"record the target; a -gpu_memory_target given when planning is not known here)")
-    ours = _ours_by_name(planner_name)
+    ours = planner_classes().get(planner_name)
     if ours is not None:
         for cls in ours.__mro__:
             if cls.__name__ in NNUNET_PLANNER_REFERENCES:
@@ -113,28 +63,9 @@ def plans_memory_reference(plans: dict) -> Tuple[MemoryReference, str]:
                       f"plans do not record their target)")
 
 
-def memory_ratio(estimate: float, batch_size: int, ndim: int, reference: MemoryReference) -> float:
-    """``estimate * batch_size / ref_bs / reference_value``: 1 is what nnU-Net's planner fills at most
-    (its criterion ``estimate / ref_bs * batch_size <= reference``, rounding of the batch aside)."""
-    value, ref_bs = reference.reference(ndim)
-    return float(estimate) * batch_size / ref_bs / value
-
-
-def unwrapped_network(network):
-    """The module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(network, '_orig_mod'):
-            network = network._orig_mod
-        elif type(network).__name__ == 'DistributedDataParallel':
-            network = network.module
-        else:
-            return network
-
-
 def planner_for_network(network) -> Optional[type]:
     """Our planner whose estimate is that of ``network``'s class (the most specific class of its MRO that
     a planner of ``nnunet_ext.plans`` declares as ``planned_network``), or None."""
-    from nnunet_ext.registry import planner_classes
     by_network = {}
     for planner in planner_classes().values():
         planned = getattr(planner, 'planned_network', None)
@@ -218,6 +149,21 @@ def check_memory_target(trainer, threshold: float = DEFAULT_THRESHOLD) -> Tuple[
     return ratio, message
 
 
-__all__ = ['MEMORY_TARGET_KEY', 'MemoryReference', 'NNUNET_PLANNER_REFERENCES', 'check_memory_target',
-           'memory_message', 'memory_ratio', 'memory_record', 'planner_for_network', 'plans_memory_reference',
-           'unwrapped_network']
+
+
+class MemoryCheckMixin(TrainerMixin):
+    """Once at training start, checks the built network against the memory its plans were sized for
+    (:func:`check_memory_target`: a warning in the training log and on stderr, naming the planner to run,
+    when it needs more than ``memory_check_threshold`` times that; ``None`` turns the check off)."""
+
+    cooperative_hooks = frozenset({'on_train_start'})
+    memory_check_threshold = DEFAULT_THRESHOLD
+
+    def on_train_start(self):
+        super().on_train_start()  # nnU-Net's: initialize() (builds the network), data loaders, plans printed
+        if self.memory_check_threshold is not None:
+            check_memory_target(self, self.memory_check_threshold)
+
+
+__all__ = ['MemoryCheckMixin', 'check_memory_target', 'memory_message', 'planner_for_network',
+           'plans_memory_reference']
