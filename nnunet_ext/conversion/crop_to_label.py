@@ -48,7 +48,7 @@ from scipy import ndimage
 from nnunet_ext.conversion.geometry import check_same_grid
 from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
-from nnunet_ext.conversion.readers import checked_label_counts, label_counts, read_image
+from nnunet_ext.conversion.readers import checked_label_counts, label_counts, read_image, read_label
 from nnunet_ext.errors import UserInputError
 
 RECORD_KEY = 'nnunet_ext_crop'
@@ -190,7 +190,7 @@ def crop_case(case: str, image_paths: Sequence[str], label_path: str, image_outs
               labels: CropLabels, margin_mm: float) -> Optional[Tuple[Tuple[float, ...], Dict[int, int]]]:
     """Crops one case (runs in a worker). Returns (spacing, label voxel counts), or None when the case has
     no voxel of the region (nothing written)."""
-    label = read_image(case, label_path)
+    label = read_label(case, label_path)
     values = sitk.GetArrayViewFromImage(label)
     checked_label_counts(case, values, sorted(labels.source.values()), label_path)
     box = bounding_box(np.isin(values, labels.region_values), margin_in_voxels(margin_mm, sitk_spacing(label)))

@@ -18,8 +18,8 @@ def check_same_grid(case: str, image: sitk.Image, label: sitk.Image, what: str =
                        ('origin', image.GetOrigin(), label.GetOrigin()),
                        ('direction', image.GetDirection(), label.GetDirection())):
         if not np.allclose(a, b, rtol=0, atol=GEOMETRY_TOLERANCE):
-            raise UserInputError(f"{case}: image and {what} {name} differ: {tuple(np.round(a, 4))} vs "
-                                 f"{tuple(np.round(b, 4))}")
+            raise UserInputError(f"{case}: image and {what} {name} differ: {tuple(np.round(a, 4).tolist())} vs "
+                                 f"{tuple(np.round(b, 4).tolist())}")
 
 
 def label_image(values: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -17,14 +17,13 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
-from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_image
+from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_image, read_label
 from nnunet_ext.errors import UserInputError
 
 LABELS = {'background': 0, 'liver': 1, 'tumor': 2}
@@ -60,12 +59,10 @@ def convert_case(case: str, image_path: str, label_path: Optional[str], image_ou
                              f"{image.GetNumberOfComponentsPerPixel()} components ({image_path})")
     counts: Dict[int, int] = {}
     if label_path is not None:
-        label = read_image(case, label_path)
+        label = read_label(case, label_path)
         check_same_grid(case, image, label)
         values = sitk.GetArrayViewFromImage(label)
-        if not np.all(np.equal(np.mod(values, 1), 0)):
-            raise UserInputError(f"{case}: segmentation has non-integer values ({label_path})")
-        counts = checked_label_counts(case, values.astype(np.int64), allowed_labels, label_path)
+        counts = checked_label_counts(case, values, allowed_labels, label_path)
         sitk.WriteImage(label_image(values, image), label_out, useCompression=True)
     sitk.WriteImage(intensity.apply_to_image(image), image_out, useCompression=True)
     return tuple(image.GetSpacing()), counts

@@ -2,7 +2,8 @@
 raw format, delegating the per-image work to nnU-Net's own MSD converter (``split_4d_nifti``: 4D
 multi-modal images into one file per channel, geometry kept) and writing through
 :class:`RawDatasetWriter` (all-or-nothing, ``--overwrite``), which nnU-Net's ``convert_msd_dataset``
-does not do. Labels and channel names come from the task's ``dataset.json``."""
+does not do, after the checks of every case (:func:`check_msd_case`; nnU-Net's converter runs none).
+Labels and channel names come from the task's ``dataset.json``."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,17 @@ import os
 import shutil
 import tarfile
 import tempfile
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
-from nnunet_ext.parallel import run_cases
+import numpy as np
+import SimpleITK as sitk
+
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
+from nnunet_ext.conversion.readers import checked_label_counts, read_image, read_label
 from nnunet_ext.errors import UserInputError
+from nnunet_ext.parallel import run_cases
+
+GEOMETRY_TOLERANCE = 1e-3  # mm for spacing and origin, absolute for direction cosines (as geometry.check_same_grid)
 
 
 def _task_folder(path: str, scratch: str) -> str:
@@ -39,9 +46,50 @@ def _nifti_cases(folder: str) -> Dict[str, str]:
             if f.endswith('.nii.gz') and not f.startswith(('.', '_'))}
 
 
+def _spatial(image: sitk.Image) -> Tuple[tuple, tuple, tuple, np.ndarray]:
+    """Size, spacing, origin and direction of the three spatial axes (a 4D MSD image: the first three)."""
+    n = image.GetDimension()
+    direction = np.asarray(image.GetDirection()).reshape(n, n)[:3, :3]
+    return image.GetSize()[:3], image.GetSpacing()[:3], image.GetOrigin()[:3], direction
+
+
+def check_msd_case(case: str, image_path: str, label_path: Optional[str], allowed_labels: Sequence[int]
+                   ) -> Tuple[Tuple[float, ...], Dict[int, int]]:
+    """The checks of every case (``readers``): image and label complete, finite intensities, the label on the
+    image's spatial grid, label values among those ``dataset.json`` lists. Returns (spacing, label counts)."""
+    image = read_image(case, image_path)
+    size, spacing, origin, direction = _spatial(image)
+    if label_path is None:
+        return tuple(spacing), {}
+    label = read_label(case, label_path)
+    if label.GetDimension() != 3:
+        raise UserInputError(f"{case}: label {label_path} is {label.GetDimension()}D; MSD labels are 3D")
+    l_size, l_spacing, l_origin, l_direction = _spatial(label)
+    if tuple(size) != tuple(l_size):
+        raise UserInputError(f"{case}: image size {tuple(size)} and label size {tuple(l_size)} differ ({label_path})")
+    for what, a, b in (('spacing', spacing, l_spacing), ('origin', origin, l_origin),
+                       ('direction', direction, l_direction)):
+        if not np.allclose(np.ravel(a), np.ravel(b), rtol=0, atol=GEOMETRY_TOLERANCE):
+            a, b = (tuple(np.round(np.ravel(v), 4).tolist()) for v in (a, b))
+            raise UserInputError(f"{case}: image and label {what} differ: {a} vs {b} ({label_path})")
+    counts = checked_label_counts(case, sitk.GetArrayViewFromImage(label), allowed_labels, label_path)
+    return tuple(spacing), counts
+
+
+def convert_msd_case(case: str, image_path: str, label_path: Optional[str], allowed_labels: Sequence[int],
+                     image_folder: str, label_out: Optional[str]) -> Tuple[Tuple[float, ...], Dict[int, int]]:
+    """One case (runs in a worker): :func:`check_msd_case`, then nnU-Net's ``split_4d_nifti`` and the label
+    copied."""
+    from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
+    spacing, counts = check_msd_case(case, image_path, label_path, allowed_labels)
+    split_4d_nifti(image_path, image_folder)
+    if label_path is not None:
+        shutil.copy(label_path, label_out)
+    return spacing, counts
+
+
 def convert_msd(input_path: str, raw_root: str, dataset_id: int, name: str = '', overwrite: bool = False,
                 num_processes: int = 2) -> Tuple[str, ConversionSummary]:
-    from nnunetv2.dataset_conversion.convert_MSD_dataset import split_4d_nifti
     with tempfile.TemporaryDirectory(prefix='nnunet_ext_msd_') as scratch:
         task = _task_folder(input_path, scratch)
         with open(os.path.join(task, 'dataset.json'), encoding='utf-8') as f:
@@ -57,17 +105,24 @@ def convert_msd(input_path: str, raw_root: str, dataset_id: int, name: str = '',
             raise UserInputError(f"MSD {task}: images without label {only_i}, labels without image {only_l}")
         if not images:
             raise UserInputError(f"MSD {task}: no imagesTr/*.nii.gz")
+        try:
+            allowed = sorted(int(k) for k in meta['labels'])
+        except (TypeError, ValueError):
+            raise UserInputError(f"{task}/dataset.json: 'labels' must map label values to names, got "
+                                 f"{meta['labels']!r}") from None
         summary = ConversionSummary()
         with RawDatasetWriter(raw_root, dataset_id, name, overwrite) as writer:
-            jobs = []
+            jobs, splits = [], []
             for split, cases in (('Tr', images), ('Ts', tests)):
                 for case, path in cases.items():
                     writer.claim_case(case, path)
-                    jobs.append((path, os.path.dirname(writer.image_path(case, split=split))))
-            run_cases(split_4d_nifti, jobs, num_processes, f'MSD {name}')
-            for case, path in labels.items():
-                shutil.copy(path, writer.label_path(case))
-            summary.training_cases, summary.test_cases = len(images), len(tests)
+                    label = labels.get(case) if split == 'Tr' else None
+                    jobs.append((case, path, label, allowed, os.path.dirname(writer.image_path(case, split=split)),
+                                 label and writer.label_path(case)))
+                    splits.append(split)
+            for split, (spacing, counts) in zip(splits, run_cases(convert_msd_case, jobs, num_processes,
+                                                                  f'MSD {name}')):
+                summary.add(split, spacing, counts)
             channel_names = {int(k): v for k, v in meta['modality'].items()}
             label_map = {v: int(k) for k, v in meta['labels'].items()}
             writer.finish(channel_names, label_map, reference=meta.get('reference'),

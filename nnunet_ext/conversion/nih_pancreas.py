@@ -25,7 +25,7 @@ from nnunet_ext.conversion.dicom import read_series
 from nnunet_ext.conversion.geometry import check_same_grid, label_image
 from nnunet_ext.parallel import run_cases
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
-from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_image
+from nnunet_ext.conversion.readers import add_unique, checked_label_counts, read_label
 from nnunet_ext.errors import UserInputError
 
 LABELS = {'background': 0, 'pancreas': 1}
@@ -86,7 +86,7 @@ def align_label(case: str, image: sitk.Image, label: sitk.Image) -> Tuple[sitk.I
 def convert_case(case: str, patient: str, label_path: str, image_out: str, label_out: str,
                  intensity: CTIntensity) -> Tuple[Tuple[float, ...], Dict[int, int], str]:
     image = read_series(case, _series_folder(case, patient))
-    label, reoriented = align_label(case, image, read_image(case, label_path))
+    label, reoriented = align_label(case, image, read_label(case, label_path))
     values = sitk.GetArrayViewFromImage(label)
     counts = checked_label_counts(case, values, tuple(LABELS.values()), label_path)
     sitk.WriteImage(label_image(values, image), label_out, useCompression=True)

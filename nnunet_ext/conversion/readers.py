@@ -1,7 +1,23 @@
 """Reading source files and checking source labels, shared by the converters: every failure is a
-:class:`UserInputError` naming the case and the file."""
+:class:`UserInputError` naming the case and the file.
+
+The per-case checks (``docs/commands/convert.md``, "The checks of every case"):
+
+* :func:`check_complete`: the whole file is there. SimpleITK reads what it can of a truncated ``.nii.gz``
+  and leaves the rest zero, so a gzip file is decompressed to its end first (its CRC and length, stored at
+  the end, must match) and an uncompressed ``.nii`` must be as long as its header says. Other formats
+  (``.mha``, ``.nrrd``, DICOM) rely on their reader, which refuses a short file.
+* :func:`read_image` (an image: finite intensities; for NIfTI read with nibabel, because ITK's NIfTI
+  reader turns NaN and infinity into 0 without a word) and :func:`read_label` (a label: integer values),
+  both after :func:`check_complete`.
+* :func:`checked_label_counts`: only the values the dataset's labels list.
+* ``geometry.check_same_grid``: image and label on the same grid (size, spacing, origin, direction).
+"""
 from __future__ import annotations
 
+import gzip
+import os
+import zlib
 from typing import Dict, Hashable, Sequence
 
 import numpy as np
@@ -9,13 +25,77 @@ import SimpleITK as sitk
 
 from nnunet_ext.errors import UserInputError
 
+_CHUNK = 1 << 24
 
-def read_image(case: str, path: str) -> sitk.Image:
-    """A NIfTI/MHA/... file with SimpleITK."""
+
+def check_complete(case: str, path: str) -> None:
+    """Refuse a truncated or corrupt file (module docstring): a ``.gz`` must decompress to its end with a
+    matching checksum, an uncompressed NIfTI must hold the voxels its header announces."""
+    if path.endswith('.gz'):
+        with open(path, 'rb') as f:
+            if f.read(2) != b'\x1f\x8b':
+                return  # not gzip at all: the reader's own error ("cannot read") says more
+        try:
+            with gzip.open(path, 'rb') as stream:
+                while stream.read(_CHUNK):
+                    pass
+        except (EOFError, OSError, zlib.error) as e:
+            raise UserInputError(f"{case}: {path} is truncated or corrupt ({e or type(e).__name__}); copy or "
+                                 f"download it again") from None
+    elif path.endswith('.nii'):
+        import nibabel
+        try:
+            nifti = nibabel.load(path)
+            voxels = int(np.prod(nifti.header.get_data_shape()))
+            expected = int(nifti.dataobj.offset) + voxels * nifti.header.get_data_dtype().itemsize
+        except Exception as e:  # nibabel's errors for a broken header vary
+            raise UserInputError(f"{case}: cannot read the NIfTI header of {path}: {e}") from None
+        size = os.path.getsize(path)
+        if size < expected:
+            raise UserInputError(f"{case}: {path} is truncated: {size} bytes, its header announces {expected}; "
+                                 f"copy or download it again")
+
+
+def _read(case: str, path: str) -> sitk.Image:
+    check_complete(case, path)
     try:
         return sitk.ReadImage(path)
     except RuntimeError as e:
         raise UserInputError(f"{case}: cannot read {path}: {str(e).strip().splitlines()[-1]}") from None
+
+
+def _is_float(image: sitk.Image) -> bool:
+    return image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32,
+                                  sitk.sitkVectorFloat64)
+
+
+def read_image(case: str, path: str) -> sitk.Image:
+    """An image (NIfTI/MHA/...) with SimpleITK, complete (:func:`check_complete`) and with finite
+    intensities (no NaN or infinity, which nnU-Net's normalisation would spread over the whole case)."""
+    image = _read(case, path)
+    if _is_float(image):
+        values = sitk.GetArrayViewFromImage(image)
+        if path.endswith(('.nii', '.nii.gz')):  # ITK's NIfTI reader turns NaN and infinity into 0 silently
+            import nibabel
+            values = np.asanyarray(nibabel.load(path).dataobj)
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            raise UserInputError(f"{case}: {path} has {bad} voxels that are NaN or infinite; fix or mask them "
+                                 f"before converting")
+    return image
+
+
+def read_label(case: str, path: str) -> sitk.Image:
+    """A label image, complete (:func:`check_complete`) and integer-valued (a float file is accepted when
+    every value is a whole number)."""
+    label = _read(case, path)
+    if _is_float(label):
+        values = sitk.GetArrayViewFromImage(label)
+        fractional = values[np.mod(values, 1) != 0]
+        if fractional.size:
+            raise UserInputError(f"{case}: label {path} has non-integer values (e.g. "
+                                 f"{np.unique(fractional)[:5].tolist()}); labels must be whole numbers")
+    return label
 
 
 def read_picture(case: str, path: str):
@@ -36,12 +116,26 @@ def label_counts(label: np.ndarray) -> Dict[int, int]:
 
 
 def checked_label_counts(case: str, label: np.ndarray, allowed: Sequence[int], path: str) -> Dict[int, int]:
-    """:func:`label_counts`, after refusing label values outside ``allowed``."""
+    """:func:`label_counts`, after refusing non-integer values and values outside ``allowed``."""
+    if np.issubdtype(label.dtype, np.floating):
+        fractional = label[np.mod(label, 1) != 0]
+        if fractional.size:
+            raise UserInputError(f"{case}: label {path} has non-integer values (e.g. "
+                                 f"{np.unique(fractional)[:5].tolist()}); labels must be whole numbers")
+        label = label.astype(np.int64)
     counts = label_counts(label)
     unexpected = sorted(set(counts) - set(allowed))
     if unexpected:
         raise UserInputError(f"{case}: unexpected label values {unexpected} (allowed {list(allowed)}) in {path}")
     return counts
+
+
+def dataset_label_values(labels: Dict[str, object]) -> Sequence[int]:
+    """The label values a ``dataset.json``'s ``labels`` names (integers, and the members of regions)."""
+    values = set()
+    for value in labels.values():
+        values.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(int(v) for v in values)
 
 
 def add_unique(found: Dict[Hashable, str], key: Hashable, path: str, what: str) -> None:

@@ -44,7 +44,7 @@ import SimpleITK as sitk
 
 from nnunet_ext.conversion.geometry import check_same_grid
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter, case_channel_files
-from nnunet_ext.conversion.readers import label_counts, read_image
+from nnunet_ext.conversion.readers import checked_label_counts, dataset_label_values, read_image, read_label
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.parallel import run_cases
 
@@ -117,7 +117,7 @@ def _header_spacing_zyx(path: str) -> Tuple[float, ...]:
 
 
 def stack_case(case: str, image_paths: Sequence[str], outputs: Sequence[Sequence[str]], stack: SliceStack,
-               label_path: Optional[str] = None, label_out: Optional[str] = None
+               label_path: Optional[str] = None, label_out: Optional[str] = None, allowed_labels: Sequence[int] = ()
                ) -> Tuple[Tuple[float, ...], Optional[Dict[int, int]]]:
     """Writes the stacked channels of one case (runs in a worker): ``outputs[c][j]`` is copy ``j`` of
     source channel ``c``; copies the label, if any, to ``label_out``. Returns (spacing, label voxel counts)."""
@@ -127,10 +127,11 @@ def stack_case(case: str, image_paths: Sequence[str], outputs: Sequence[Sequence
             sitk.WriteImage(copy, out, useCompression=True)
     if label_path is None:
         return tuple(image.GetSpacing()), None
-    label = read_image(case, label_path)
+    label = read_label(case, label_path)
     check_same_grid(case, image, label, what='label')
+    counts = checked_label_counts(case, sitk.GetArrayViewFromImage(label), allowed_labels, label_path)
     sitk.WriteImage(label, label_out, useCompression=True)
-    return tuple(label.GetSpacing()), label_counts(sitk.GetArrayViewFromImage(label))
+    return tuple(label.GetSpacing()), counts
 
 
 def stack_dataset(source_folder: str, raw_root: str, dataset_id: int, name: str, slices: int,
@@ -166,7 +167,8 @@ def stack_dataset(source_folder: str, raw_root: str, dataset_id: int, name: str,
                     if split == 'Tr':
                         raise UserInputError(f"{case}: no training label {label}")
                     label = None
-                jobs.append((case, paths, outputs, stack, label, label and writer.label_path(case, split)))
+                jobs.append((case, paths, outputs, stack, label, label and writer.label_path(case, split),
+                             dataset_label_values(source_json['labels'])))
                 job_splits.append(split)
         results = run_cases(stack_case, jobs, num_processes, f'stacking {slices} slices')
         for split, result in zip(job_splits, results):
