@@ -20,3 +20,6 @@ def dataset_name(dataset_id: int | str) -> str:
         return maybe_convert_to_dataset_name(dataset_id)
     except RuntimeError as e:  # nnU-Net: "Could not find a dataset with the ID ..."
         raise UserInputError(str(e)) from None
+    except ValueError:  # nnU-Net: neither an integer nor a name starting with 'Dataset'
+        raise UserInputError(f"{dataset_id!r} is neither a dataset id (an integer such as 501) nor a dataset name "
+                             f"(Dataset501_NAME)") from None

@@ -1,6 +1,8 @@
 """``nnunet_ext.evaluation.compare`` without training: a fabricated ``nnUNet_results`` tree (small NIfTI
 label maps, nnU-Net's folder layout, checkpoints holding only a ``'logging'`` entry), the paired test
-against scipy, the report against per-case Dice computed here with numpy."""
+against scipy, the report against per-case Dice computed here with numpy; a table of bad inputs (the tree
+broken by hand) through ``nnunet-ext compare`` in-process: one error line, exit status 2, nothing written
+(``test_evaluate_cli.refused``)."""
 from __future__ import annotations
 
 import json
@@ -254,3 +256,167 @@ def test_reference_absent_and_trainer_without_folds(tree):
 
 def test_markdown_table_escapes_pipes():
     assert markdown_table((['a', 'b'], [['x|y', '1']])) == '| a | b |\n|---|---|\n| x\\|y | 1 |'
+
+
+# --- what is refused: through the command, one line on stderr, exit status 2, nothing written -----------------------
+
+def _fold(tree, trainer='nnUNetTrainer', fold=0):
+    return tree / 'res' / DATASET / f'{trainer}__nnUNetPlans__2d' / f'fold_{fold}'
+
+
+def _gt(tree, case='case_0'):
+    return tree / 'pre' / DATASET / 'gt_segmentations' / f'{case}.nii.gz'
+
+
+def _replace(path, content):
+    """``path`` (a file or folder) replaced by a file holding ``content``, or by an empty folder (None)."""
+    if os.path.isdir(path):
+        import shutil
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+    if content is None:
+        os.makedirs(path)
+    else:
+        with open(path, 'wb') as f:
+            f.write(content if isinstance(content, bytes) else content.encode())
+
+
+def _truncated(path):
+    """``path`` rewritten as noise (long enough to cut inside its deflate stream), then cut in half;
+    returns the length left."""
+    _write(str(path), np.random.default_rng(5).integers(0, 3, SHAPE))
+    data = open(path, 'rb').read()
+    _replace(path, data[:len(data) // 2])
+    return len(data) // 2
+
+
+def _env(monkeypatch, variable):
+    monkeypatch.delenv(variable)
+    return []
+
+
+#: name -> (break the tree and return the arguments after `compare 321 -c 2d` or None, regex the message must match)
+BAD_COMPARE = {
+    'unknown dataset': (lambda t, m: ['--dataset', '555'],
+                        r'^dataset 555: no dataset 555 in \$nnUNet_raw, \$nnUNet_preprocessed or \$nnUNet_results '
+                        rf'\(datasets there: {DATASET}\)'),
+    'nnUNet_raw not set': (lambda t, m: _env(m, 'nnUNet_raw'), r'^nnUNet_raw is not set; run: eval'),
+    'nnUNet_results not set': (lambda t, m: _env(m, 'nnUNet_results'), r'^nnUNet_results is not set; run: eval'),
+    'no raw dataset.json': (lambda t, m: os.remove(t / 'raw' / DATASET / 'dataset.json'),
+                            rf'^dataset {DATASET}: \S+/raw/{DATASET}/dataset.json does not exist'),
+    'raw dataset.json without labels': (lambda t, m: _replace(t / 'raw' / DATASET / 'dataset.json',
+                                                              '{"file_ending": ".nii.gz"}'),
+                                        r"^\S+/dataset.json has no 'labels' entry"),
+    'no trainer folder for the configuration': (lambda t, m: ['-c', '3d_fullres'],
+                                                r'^no trainer folder \*__nnUNetPlans__3d_fullres in \S+; train first'),
+    'no trainer folder for the plans': (lambda t, m: ['-p', 'nnUNetPlansX'],
+                                        r'^no trainer folder \*__nnUNetPlansX__2d in'),
+    'a trainer folder without folds': (
+        lambda t, m: (os.makedirs(t / 'res' / DATASET / 'nnUNetTrainerX__nnUNetPlans__2d'),
+                      ['-tr', 'nnUNetTrainer', 'nnUNetTrainerX'])[-1],
+        r'^no validation predictions to evaluate for nnUNetTrainerX in folds 0 1 2 3 4 \(nnUNetTrainerX fold 0: '
+        r'missing \(no folder'),
+    'only folds that do not exist': (lambda t, m: ['-f', '4'],
+                                     r'^no validation predictions to evaluate for nnUNetTrainer, nnUNetTrainerGODC in '
+                                     r'folds 4 '),
+    'folds without validation predictions': (
+        lambda t, m: ([_replace(_fold(t, 'nnUNetTrainerGODC', f) / 'validation', b'') for f in (0, 1, 2)],
+                      ['-f', '0', '1', '2'])[-1],
+        r'^no validation predictions to evaluate for nnUNetTrainerGODC in folds 0 1 2 \(nnUNetTrainerGODC fold 0: no '
+        r'validation predictions \(no folder'),
+    'no gt_segmentations': (lambda t, m: _replace(t / 'pre' / DATASET / 'gt_segmentations', b''),
+                            r'^\S+/gt_segmentations does not exist \(nnUNetv2_plan_and_preprocess writes it'),
+    'empty gt_segmentations': (lambda t, m: [os.remove(_gt(t, c)) for c in CASES] and None,
+                               r'^\S+/gt_segmentations holds no .nii.gz file \(nnUNetv2_plan_and_preprocess writes'),
+    'no reference for the predictions of a fold': (
+        lambda t, m: ([os.remove(_gt(t, c)) for c in ('case_0', 'case_3')], ['-tr', 'nnUNetTrainer', '-f', '0'])[-1],
+        r'^no validation predictions to evaluate for nnUNetTrainer in folds 0 \(nnUNetTrainer fold 0: not evaluated, '
+        r'no reference in gt_segmentations: case_0, case_3\)'),
+    'splits_final.json not JSON': (lambda t, m: _replace(t / 'pre' / DATASET / 'splits_final.json', '[{"val": '),
+                                   r'^\S+/splits_final.json is not readable JSON \(Expecting value'),
+    'splits_final.json a folder': (lambda t, m: _replace(t / 'pre' / DATASET / 'splits_final.json', None),
+                                   r'^\S+/splits_final.json is not a file'),
+    'splits_final.json without case lists': (lambda t, m: _replace(t / 'pre' / DATASET / 'splits_final.json',
+                                                                   '[{"train": [], "val": "case_0"}]'),
+                                             r"^\S+/splits_final.json is not nnU-Net's splits file"),
+    'an unreadable prediction': (lambda t, m: _replace(_fold(t, 'nnUNetTrainerGODC', 1) / 'validation' /
+                                                       'case_1.nii.gz', b'not an image' * 20),
+                                 r"^case case_1: prediction \S+/nnUNetTrainerGODC__nnUNetPlans__2d/fold_1/validation/"
+                                 r"case_1.nii.gz: nnU-Net's SimpleITKIO cannot read it"),
+    'an unreadable reference (the reader is chosen on it)': (
+        lambda t, m: _replace(_gt(t), b'not an image' * 20),
+        r'^case case_0: reference \S+/gt_segmentations/case_0.nii.gz: no nnU-Net reader for .nii.gz opens it'),
+    'an empty reference': (lambda t, m: _replace(_gt(t, 'case_4'), b''),
+                           r'^case case_4: reference \S+/case_4.nii.gz is empty \(0 bytes\)'),
+    'a truncated reference': (lambda t, m: _truncated(_gt(t, 'case_5')) and None,
+                              r'^case case_5: reference \S+/case_5.nii.gz is truncated: its gzip stream stops'),
+    'a float-valued reference': (
+        lambda t, m: _write_float(_gt(t, 'case_3'), 0.5),
+        r'^case case_3: reference \S+/case_3.nii.gz holds 480 voxels with non-integer values \(e.g. 0.5\)'),
+    'a prediction of another shape': (
+        lambda t, m: _write(str(_fold(t) / 'validation' / 'case_3.nii.gz'), np.zeros((1, 20, 23))),
+        r'^case case_3: prediction \S+/case_3.nii.gz has shape \(1, 20, 23\), reference \S+ has shape \(1, 20, 24\)$'),
+    'a truncated checkpoint': (lambda t, m: _replace(_fold(t, fold=2) / 'checkpoint_final.pth', b'PK\x03\x04'),
+                               r'^cannot read the checkpoint \S+/fold_2/checkpoint_final.pth: \w+: .*; remove it'),
+    'a checkpoint without curves': (lambda t, m: torch.save({'logging': {k: [None] for k in (
+        'train_losses', 'val_losses', 'mean_fg_dice', 'ema_fg_dice')}}, _fold(t) / 'checkpoint_final.pth'),
+                                    r"checkpoint_final.pth: its 'logging' entry 'train_losses' is not a list of "
+                                    r"numbers"),
+    '-o an existing file': (lambda t, m: ['-o', str(t / 'raw' / DATASET / 'dataset.json')],
+                            r'^\S+/dataset.json exists and is not a previous compare report; choose another -o'),
+    '-o a folder of other files': (lambda t, m: ['-o', str(t / 'raw')],
+                                   r'^\S+/raw exists and is not a previous compare report'),
+    '-o a report folder with a broken compare.json': (
+        lambda t, m: (os.makedirs(t / 'old'), _replace(t / 'old' / 'compare.json', '{"tool": '),
+                      ['-o', str(t / 'old')])[-1],
+        r'^\S+/old exists and is not a previous compare report'),
+    '-o in a missing folder': (lambda t, m: ['-o', str(t / 'nowhere' / 'report')],
+                               r'^the parent folder of the output \S+/nowhere/report does not exist$'),
+    '-f negative': (lambda t, m: ['-f', '-1'], r'^-f takes fold numbers >= 0, got \[-1\]$'),
+    '-np 0': (lambda t, m: ['-np', '0'], r'^-np must be >= 1, got 0$'),
+}
+
+
+def _write_float(path, value):
+    image = sitk.GetImageFromArray(np.full(SHAPE, value, np.float32))
+    image.SetSpacing((0.7, 0.9, 1.0))
+    sitk.WriteImage(image, str(path))
+
+
+def _compare_argv(extra):
+    """``compare 321 -c 2d -np 1 EXTRA --no_pbar``; EXTRA may start with ``--dataset ID`` and give -c or -np."""
+    dataset = '321'
+    if extra[:1] == ['--dataset']:
+        dataset, extra = extra[1], extra[2:]
+    defaults = [x for key, value in (('-c', '2d'), ('-np', '1')) if key not in extra for x in (key, value)]
+    return ['compare', dataset, *defaults, *extra, '--no_pbar']
+
+
+@pytest.mark.parametrize('name', list(BAD_COMPARE))
+def test_a_bad_input_is_one_line_and_writes_nothing(name, tree, monkeypatch, capsys):
+    from test_evaluate_cli import refused
+    arrange, pattern = BAD_COMPARE[name]
+    extra = arrange(tree, monkeypatch)  # the arguments after `compare 321 -c 2d`, or None
+    refused(capsys, _compare_argv(extra or []), tree, pattern)
+
+
+def test_a_truncated_validation_prediction_is_refused(tree, capsys):
+    from test_evaluate_cli import refused
+    path = _fold(tree, 'nnUNetTrainerGODC', 2) / 'validation' / 'case_5.nii.gz'
+    left = _truncated(path)
+    refused(capsys, _compare_argv(['-tr', 'nnUNetTrainerGODC', '-f', '2']), tree,
+            exact=f"case case_5: prediction {path} is truncated: its gzip stream stops before its end marker "
+                  f"({left} bytes; an interrupted copy?); copy or write it again")
+
+
+def test_a_prediction_label_dataset_json_does_not_list_is_refused(tree, capsys):
+    from test_evaluate_cli import refused
+    path = _fold(tree, 'nnUNetTrainer', 1) / 'validation' / 'case_4.nii.gz'
+    prediction = _prediction(4, 0)
+    prediction[0, 0:2, 0:3] = 3  # 6 voxels of a label the dataset does not have
+    _write(str(path), prediction)
+    refused(capsys, _compare_argv(['-f', '1']), tree,
+            exact=f"case case_4: prediction {path} holds label values 3 (6 voxels) that the dataset.json of {DATASET} "
+                  f"does not list (it lists 0, 1, 2); files of another dataset, or its dataset.json edited after "
+                  f"training?")

@@ -36,6 +36,8 @@ def _task_folder(path: str, scratch: str) -> str:
         return candidates[0]
     if not os.path.isdir(path):
         raise UserInputError(f"MSD input {path!r} is neither a task folder nor a .tar archive")
+    if not os.path.isfile(os.path.join(path, 'dataset.json')):
+        raise UserInputError(f"MSD input {path!r} has no dataset.json: give the TaskNN_Name folder (or its .tar)")
     return path
 
 

@@ -3,10 +3,11 @@
 
 The per-case checks (``docs/commands/convert.md``, "The checks of every case"):
 
-* :func:`check_complete`: the whole file is there. SimpleITK reads what it can of a truncated ``.nii.gz``
-  and leaves the rest zero, so a gzip file is decompressed to its end first (its CRC and length, stored at
-  the end, must match) and an uncompressed ``.nii`` must be as long as its header says. Other formats
-  (``.mha``, ``.nrrd``, DICOM) rely on their reader, which refuses a short file.
+* :func:`check_complete`: the whole file is there (:func:`nnunet_ext.file_checks.check_complete_file`, shared
+  with ``evaluate``). SimpleITK reads what it can of a truncated ``.nii.gz`` and leaves the rest zero, so a
+  gzip file is decompressed to its end first (its CRC and length, stored at the end, must match) and a NIfTI
+  file must be as long as its header says. Other formats (``.mha``, ``.nrrd``, DICOM) rely on their reader,
+  which refuses a short file.
 * :func:`read_image` (an image: finite intensities; for NIfTI read with nibabel, because ITK's NIfTI
   reader turns NaN and infinity into 0 without a word) and :func:`read_label` (a label: integer values),
   both after :func:`check_complete`.
@@ -15,45 +16,18 @@ The per-case checks (``docs/commands/convert.md``, "The checks of every case"):
 """
 from __future__ import annotations
 
-import gzip
-import os
-import zlib
 from typing import Dict, Hashable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ext.errors import UserInputError
-
-_CHUNK = 1 << 24
+from nnunet_ext.file_checks import allowed_values, check_complete_file
 
 
 def check_complete(case: str, path: str) -> None:
-    """Refuse a truncated or corrupt file (module docstring): a ``.gz`` must decompress to its end with a
-    matching checksum, an uncompressed NIfTI must hold the voxels its header announces."""
-    if path.endswith('.gz'):
-        with open(path, 'rb') as f:
-            if f.read(2) != b'\x1f\x8b':
-                return  # not gzip at all: the reader's own error ("cannot read") says more
-        try:
-            with gzip.open(path, 'rb') as stream:
-                while stream.read(_CHUNK):
-                    pass
-        except (EOFError, OSError, zlib.error) as e:
-            raise UserInputError(f"{case}: {path} is truncated or corrupt ({e or type(e).__name__}); copy or "
-                                 f"download it again") from None
-    elif path.endswith('.nii'):
-        import nibabel
-        try:
-            nifti = nibabel.load(path)
-            voxels = int(np.prod(nifti.header.get_data_shape()))
-            expected = int(nifti.dataobj.offset) + voxels * nifti.header.get_data_dtype().itemsize
-        except Exception as e:  # nibabel's errors for a broken header vary
-            raise UserInputError(f"{case}: cannot read the NIfTI header of {path}: {e}") from None
-        size = os.path.getsize(path)
-        if size < expected:
-            raise UserInputError(f"{case}: {path} is truncated: {size} bytes, its header announces {expected}; "
-                                 f"copy or download it again")
+    """Refuse an empty, truncated or corrupt file (:func:`nnunet_ext.file_checks.check_complete_file`)."""
+    check_complete_file(path, f"{case}:")
 
 
 def _read(case: str, path: str) -> sitk.Image:
@@ -132,10 +106,7 @@ def checked_label_counts(case: str, label: np.ndarray, allowed: Sequence[int], p
 
 def dataset_label_values(labels: Dict[str, object]) -> Sequence[int]:
     """The label values a ``dataset.json``'s ``labels`` names (integers, and the members of regions)."""
-    values = set()
-    for value in labels.values():
-        values.update(value if isinstance(value, (list, tuple)) else [value])
-    return sorted(int(v) for v in values)
+    return allowed_values(labels.values())
 
 
 def add_unique(found: Dict[Hashable, str], key: Hashable, path: str, what: str) -> None:

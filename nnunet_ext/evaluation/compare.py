@@ -74,14 +74,11 @@ class CompareResult:
 
 
 def _dataset_name(dataset: str) -> str:
-    for variable in ("nnUNet_results", "nnUNet_preprocessed"):
+    for variable in ("nnUNet_results", "nnUNet_preprocessed", "nnUNet_raw"):
         if not os.environ.get(variable):
             raise UserInputError(f'{variable} is not set; run: eval "$(nnunet-ext env --root DIR)"')
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError) as e:
-        raise UserInputError(f"dataset {dataset}: {e}") from None
+    from nnunet_ext.evaluation.evaluate import find_dataset
+    return find_dataset(dataset, f"dataset {dataset}")
 
 
 def default_output_folder(dataset_name: str, configuration: str, plans: str) -> str:
@@ -97,22 +94,20 @@ def _trainer_order(trainers: Sequence[str]) -> List[str]:
 
 def _evaluate_cases(runs: Dict[str, List[FoldRun]], references: Dict[str, str], labels, num_processes: int,
                     progress: bool, hd95: str) -> List[dict]:
-    # the case evaluation of `nnunet-ext evaluate` (same reader, spacing check, metrics), over all folds
+    # the case evaluation of `nnunet-ext evaluate` (same reader, file and label checks, spacing check, metrics),
+    # over all folds
     from nnunet_ext.evaluation.evaluate import evaluate_case
+    from nnunet_ext.evaluation.segmentation_files import choose_reader
     from nnunet_ext.parallel import run_cases
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     jobs, keys = [], []
     for trainer, fold_runs in runs.items():
         for run in fold_runs:
             for case, prediction in sorted(run.predictions.items()):
                 keys.append((trainer, run.fold))
                 jobs.append((case, prediction, references[case]))
-    example = jobs[0][2]
-    try:
-        reader_class = determine_reader_writer_from_dataset_json(labels.dataset_json, example, verbose=False)
-    except RuntimeError as e:
-        raise UserInputError(f"no nnU-Net reader opens {example}: {e}") from None
-    arguments = [(*job, reader_class, labels.classes, labels.ignore_label, hd95) for job in jobs]
+    reader_class = choose_reader(labels.file_ending, jobs[0][2], f"case {jobs[0][0]}: reference", labels.dataset_json)
+    rule = labels.label_rule("files of another dataset, or its dataset.json edited after training?")
+    arguments = [(*job, reader_class, labels.classes, labels.ignore_label, hd95, rule) for job in jobs]
     results = run_cases(evaluate_case, arguments, num_processes, "evaluate", progress)
     return [{"trainer": trainer, "fold": fold, **result} for (trainer, fold), result in zip(keys, results)]
 
@@ -160,13 +155,13 @@ def compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] 
     """
     if num_processes < 1:
         raise UserInputError(f"-np must be >= 1, got {num_processes}")
-    from nnunet_ext.evaluation.evaluate import hd95_conventions, dataset_labels
+    from nnunet_ext.evaluation.evaluate import case_files, dataset_labels, hd95_conventions
     metric_conventions = hd95_conventions(hd95)
     folds = list(dict.fromkeys(int(f) for f in folds))
     if not folds or any(f < 0 for f in folds):
         raise UserInputError(f"-f takes fold numbers >= 0, got {folds}")
     name = _dataset_name(dataset)
-    labels = dataset_labels(name)
+    labels = dataset_labels(name, option="dataset")
     results_folder = os.path.join(os.environ["nnUNet_results"], name)
     preprocessed_folder = os.path.join(os.environ["nnUNet_preprocessed"], name)
     found = find_trainers(results_folder, plans, configuration)
@@ -182,8 +177,10 @@ def compare(dataset: str, configuration: str, trainers: Optional[Sequence[str]] 
     if not os.path.isdir(reference_folder):
         raise UserInputError(f"{reference_folder} does not exist (nnUNetv2_plan_and_preprocess writes it; compare "
                              f"evaluates against it)")
-    references = {f[:-len(labels.file_ending)]: os.path.join(reference_folder, f)
-                  for f in sorted(os.listdir(reference_folder)) if f.endswith(labels.file_ending)}
+    references = case_files(reference_folder, labels.file_ending)
+    if not references:
+        raise UserInputError(f"{reference_folder} holds no {labels.file_ending} file (nnUNetv2_plan_and_preprocess "
+                             f"writes the references there; compare evaluates against them)")
     splits = read_validation_splits(preprocessed_folder)
     log(f"{name}, configuration {configuration}, plans {plans}: trainers {', '.join(trainers)}; folds "
         f"{' '.join(map(str, folds))}; references {reference_folder}")
@@ -262,6 +259,9 @@ def check_output_folder(output_folder: str) -> str:
     if os.path.exists(output_folder) and (not os.path.isdir(output_folder) or not _is_previous_report(output_folder)):
         raise UserInputError(f"{output_folder} exists and is not a previous compare report; choose another -o or "
                              f"remove it")
+    if not os.access(os.path.dirname(output_folder), os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write the report {output_folder}: no write permission in its parent folder; "
+                             f"choose another -o")
     return output_folder
 
 
@@ -270,7 +270,10 @@ def write_report(result: CompareResult, output_folder: str) -> Dict[str, str]:
     from nnunet_ext.evaluation.report import render_report
     output_folder = check_output_folder(output_folder)
     parent = os.path.dirname(output_folder)
-    temporary = tempfile.mkdtemp(prefix="." + os.path.basename(output_folder) + ".", suffix=".tmp", dir=parent)
+    try:
+        temporary = tempfile.mkdtemp(prefix="." + os.path.basename(output_folder) + ".", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise UserInputError(f"cannot write the report {output_folder}: {e.strerror or e}") from None
     try:
         for kind, content in render_report(result.content, REPORT_FILES).items():
             with open(os.path.join(temporary, REPORT_FILES[kind]), "wb") as f:
@@ -287,6 +290,9 @@ def write_report(result: CompareResult, output_folder: str) -> Dict[str, str]:
                 shutil.rmtree(previous, ignore_errors=True)
         else:
             os.replace(temporary, output_folder)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing is left behind
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise UserInputError(f"cannot write the report {output_folder}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -49,13 +49,22 @@ def find_trainers(results_dataset_folder: str, plans: str, configuration: str) -
 def read_validation_splits(preprocessed_dataset_folder: str) -> Optional[List[List[str]]]:
     """The validation cases of each fold from ``splits_final.json``, or None when there is none."""
     path = os.path.join(preprocessed_dataset_folder, "splits_final.json")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        splits = json.load(f)
-    if not isinstance(splits, list) or not all(isinstance(s, dict) and "val" in s for s in splits):
-        raise UserInputError(f"{path} is not nnU-Net's splits file (a list of {{'train': [...], 'val': [...]}})")
-    return [sorted(str(case) for case in s["val"]) for s in splits]
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path} is not a file (nnU-Net's splits of the cross-validation); remove it, or put "
+                             f"the splits file there")
+    try:
+        with open(path, encoding="utf-8") as f:
+            splits = json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserInputError(f"{path} is not readable JSON ({' '.join(str(e).split())}); nnU-Net writes it at the "
+                             f"first training (remove it to have it written again)") from None
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and isinstance(s.get("val"), list)
+                                               and all(isinstance(c, str) for c in s["val"]) for s in splits):
+        raise UserInputError(f"{path} is not nnU-Net's splits file (a list of {{'train': [...], 'val': [...]}} "
+                             f"with case names)")
+    return [sorted(s["val"]) for s in splits]
 
 
 @dataclass
@@ -95,7 +104,8 @@ class FoldRun:
         if not self.has_validation_folder:
             lines.append(f"{where}: no validation predictions (no folder {os.path.join(self.folder, 'validation')}; "
                          f"training unfinished, or validation not run: nnUNetv2_train ... --val)")
-        elif not self.predictions and not self.missing_predictions:
+        elif not (self.predictions or self.missing_predictions or self.unexpected_predictions
+                  or self.without_reference):
             lines.append(f"{where}: the validation folder holds no prediction")
         if self.has_validation_folder and self.missing_predictions:
             total = len(self.expected) if self.expected is not None else len(self.missing_predictions)
@@ -151,12 +161,22 @@ def read_training_curves(checkpoint: str) -> Dict[str, List[float]]:
     import torch
     try:
         content = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise UserInputError(f"cannot read the checkpoint {checkpoint}: {type(e).__name__}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # a truncated or foreign file: say which one, in one line
+        raise UserInputError(f"cannot read the checkpoint {checkpoint}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}; remove it (no curves) or copy it again") from None
     logging = content.get("logging") if isinstance(content, dict) else None
     if not isinstance(logging, dict):
         raise UserInputError(f"{checkpoint} has no 'logging' entry (not an nnU-Net v2 checkpoint?)")
     missing = [key for key in CURVE_KEYS if key not in logging]
     if missing:
         raise UserInputError(f"{checkpoint}: its 'logging' entry lacks {', '.join(missing)}")
-    return {key: [float(v) for v in logging[key]] for key in CURVE_KEYS}
+    curves = {}
+    for key in CURVE_KEYS:
+        try:
+            curves[key] = [float(v) for v in logging[key]]
+        except (TypeError, ValueError):
+            raise UserInputError(f"{checkpoint}: its 'logging' entry {key!r} is not a list of numbers (not an "
+                                 f"nnU-Net v2 checkpoint?)") from None
+    return curves
