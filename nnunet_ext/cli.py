@@ -16,8 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from typing import List, Optional
+import threading
+from typing import Callable, Iterator, List, Optional
 
 from nnunet_ext import __version__
 from nnunet_ext.environment import EnvironmentSetupError
@@ -255,17 +258,121 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal that ends the command (SIGTERM: a batch system's time limit, ``timeout``, ``kill``; SIGINT:
+    Ctrl-C), raised in the main thread by the handler :func:`main` installs. A ``KeyboardInterrupt``, so no
+    ``except Exception`` swallows it and whatever handles Ctrl-C handles it: ``with``/``finally`` clean-up
+    removes temporary and partial outputs, :func:`nnunet_ext.parallel.run_cases` terminates its workers."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal_number).name
+
+
+#: commands that write all-or-nothing: an interrupt leaves no partial output of theirs behind
+_ALL_OR_NOTHING = {'convert', 'stack-slices', 'preprocess-images', 'evaluate', 'compare', 'fuse-views', 'prune',
+                   'cascade-predict'}
+
+
+def _interrupt_in_flight() -> bool:
+    """Whether the code that runs is handling an interrupt (an ``except``/``finally``/``__exit__`` of one, or of
+    an error raised while handling one)."""
+    error, seen = sys.exc_info()[1], set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted() -> Iterator[Callable[[], None]]:
+    """SIGTERM and SIGINT raise :class:`Interrupted` while the block runs (main thread only; a signal ignored
+    when we start, as under ``nohup`` or in a background job, stays ignored). A signal that comes while an
+    interrupt is being handled (a second Ctrl-C, or SIGTERM after it, during the clean-up) is ignored, so the
+    clean-up finishes; one that comes after an interrupt was swallowed (a library's bare ``except:``) raises
+    again. The block gets a function that disarms the handler (signals are ignored from then on: the command
+    has ended). The previous handlers come back after the block."""
+    armed = [threading.current_thread() is threading.main_thread()]
+
+    def disarm() -> None:
+        armed[0] = False
+
+    if not armed[0]:
+        yield disarm
+        return
+
+    def handler(signal_number, frame):
+        if armed[0] and not _interrupt_in_flight():
+            raise Interrupted(signal_number)
+
+    previous = {}
+    for name in ('SIGINT', 'SIGTERM'):
+        number = getattr(signal, name, None)
+        if number is None or signal.getsignal(number) is signal.SIG_IGN:
+            continue
+        previous[number] = signal.getsignal(number)
+        signal.signal(number, handler)
+    try:
+        yield disarm
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, signal.SIG_DFL if old is None else old)
+
+
+def _interrupted_line(command: Optional[str], signal_name: str) -> str:
+    what = f'nnunet-ext {command}' if command else 'nnunet-ext'
+    if command in _ALL_OR_NOTHING:
+        return f'{what}: interrupted ({signal_name}); partial output removed'
+    if command == 'plan':
+        return f'{what}: interrupted ({signal_name}); nnU-Net\'s preprocessed output may be incomplete: run it again'
+    return f'{what}: interrupted ({signal_name})'
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``nnunet-ext`` command. A user's mistake: one line on stderr, exit status 2. SIGINT / SIGTERM
+    (:class:`Interrupted`): workers stopped, temporary and partial outputs removed, one line on stderr, exit
+    status 128 + the signal's number (130, 143). No traceback for either."""
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 locale (LANG=C on old systems) must not crash
         if hasattr(stream, 'reconfigure'):   # printing '±' or a progress bar: escape what it cannot encode
             stream.reconfigure(errors='backslashreplace')
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (UserInputError, EnvironmentSetupError, FileExistsError) as e:
-        print(f'nnunet-ext {args.command}: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    command, line, status = None, None, 0
+    with _signals_raise_interrupted() as disarm:
+        try:  # the outer try catches an interrupt that comes while the inner one handles an error
+            try:
+                args = build_parser().parse_args(argv)
+                command = args.command
+                args.func(args)
+            except (UserInputError, EnvironmentSetupError, FileExistsError) as e:
+                line, status = f'nnunet-ext {command}: error: {e}', 2
+            disarm()  # a signal from here on finds the command ended: ignored
+        except KeyboardInterrupt as e:  # Interrupted (SIGTERM, SIGINT), or Python's own Ctrl-C handler
+            disarm()
+            number = e.signal_number if isinstance(e, Interrupted) else int(signal.SIGINT)
+            line, status = _interrupted_line(command, signal.Signals(number).name), 128 + number
+        # printed after the exception is gone: its frames (and an unfinished progress bar's close) are released
+        if line is not None:
+            print(line, file=sys.stderr)
+    return status
+
+
+def _ignore_sigint_in_spawned_workers() -> None:
+    """A worker process that ``multiprocessing`` spawns from the ``nnunet-ext`` command (nnU-Net's own
+    preprocessing and export workers under cascade-predict and plan, ours in parallel.run_cases) imports this
+    module while it re-runs the command's main script: there SIGINT is ignored, as in run_cases' workers, so
+    that a Ctrl-C, which the terminal sends to every process of the group, does not make each worker print a
+    traceback; the command terminates its workers itself (or multiprocessing does when it exits)."""
+    from multiprocessing import process
+    if getattr(process.current_process(), '_inheriting', False) and '__mp_main__' in sys.modules:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_ignore_sigint_in_spawned_workers()
 
 
 if __name__ == '__main__':

@@ -60,6 +60,15 @@ def planned(planned_phantom_files):
 
 
 @pytest.fixture
+def raw(tmp_path, monkeypatch):
+    """An empty nnUNet_raw, set in the environment, for converters called in-process."""
+    folder = tmp_path / 'nnUNet_raw'
+    folder.mkdir()
+    monkeypatch.setenv('nnUNet_raw', str(folder))
+    return str(folder)
+
+
+@pytest.fixture
 def env(tmp_path):
     """A user's environment after ``eval "$(nnunet-ext env --root TMP/data)"`` (empty nnUNet_raw); test
     modules that need a shared one define their own module-scoped ``env``."""

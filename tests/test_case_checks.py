@@ -42,14 +42,6 @@ def _truncate(path: str, keep: float = 0.5) -> None:
         f.write(data[:int(len(data) * keep)])
 
 
-@pytest.fixture
-def raw(tmp_path, monkeypatch):
-    folder = tmp_path / 'nnUNet_raw'
-    folder.mkdir()
-    monkeypatch.setenv('nnUNet_raw', str(folder))
-    return str(folder)
-
-
 def refused(capsys, argv, pattern, raw, left=()):
     """One line on stderr matching ``pattern``, exit 2, nothing new left in nnUNet_raw (hidden folders
     included): only ``left``."""
@@ -181,3 +173,15 @@ def test_msd_reports_the_label_voxels_it_converted(tmp_path, raw, capsys):
     out = capsys.readouterr().out
     expected = sum(int((_label(n) == 1).sum()) for n in (0, 1))  # 2 * (6 * 4 * 2 - 1)
     assert f'label 1 (spleen): {expected} voxels' in out and 'label 2 (hilum): 2 voxels' in out
+
+
+def test_preprocess_images_refuses_a_truncated_image_and_writes_nothing(tmp_path, raw, capsys):
+    images = tmp_path / 'new_images'
+    images.mkdir()
+    for number in (0, 1):
+        _save(_image(_label(number), number), str(images / f'case_{number}_0000.nii.gz'))
+    _truncate(str(images / 'case_1_0000.nii.gz'))
+    out = tmp_path / 'out'
+    refused(capsys, ['preprocess-images', str(images), str(out), '--window', '-100', '200'],
+            r'case_1_0000\.nii\.gz: .*case_1_0000\.nii\.gz is truncated', raw)
+    assert not out.exists() or not os.listdir(out)

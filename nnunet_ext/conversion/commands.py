@@ -46,7 +46,14 @@ def _add_common(p: argparse.ArgumentParser, name_default: str) -> None:
     p.add_argument('--crop-keep', nargs='+', default=None, metavar='LABEL',
                    help='labels the second stage learns (default: every label other than --crop-to-label, or '
                         'that label itself when there is no other); name --crop-to-label\'s label to keep it too')
+    _add_allow_empty_labels(p)
     p.set_defaults(name_default=name_default)
+
+
+def _add_allow_empty_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--allow-empty-labels', action='store_true',
+                   help='write the dataset even if the labels of all training cases are background only (refused '
+                        'by default: nnU-Net would learn nothing)')
 
 
 def _name(args) -> str:
@@ -84,7 +91,7 @@ def _cmd_folder2d(args, raw_root: str) -> str:
     layout = Layout(args.images or base.images, args.masks or base.masks,
                     base.image_suffix if args.image_suffix is None else args.image_suffix,
                     base.mask_suffix if args.mask_suffix is None else args.mask_suffix)
-    rule = MaskRule(threshold=None, values=tuple(args.mask_values)) if args.mask_values else MaskRule(args.threshold)
+    rule = MaskRule.from_options(args.threshold, args.mask_values, args.mask_colours)
     target, summary, labels = convert_folder2d(args.input, raw_root, args.id, _name(args), layout, rule, args.grey,
                                                args.resize, args.split, args.overwrite, args.np,
                                                preset.card if preset else None)
@@ -116,14 +123,24 @@ def _cmd_chaos(args, raw_root: str) -> str:
 
 
 def _run_convert(args) -> None:
-    """Runs the source's converter into nnUNet_raw; with ``--crop-to-label``, into a hidden scratch folder of
-    nnUNet_raw first, whose result is cropped into the target (crop_to_label.py) and removed."""
+    """Runs the source's converter into nnUNet_raw (``--allow-empty-labels`` for the writers it makes)."""
+    from nnunet_ext.conversion.raw_dataset import empty_labels_allowed
+    with empty_labels_allowed(args.allow_empty_labels):
+        _convert(args)
+
+
+def _convert(args) -> None:
+    """The source's converter into nnUNet_raw; with ``--crop-to-label``, into a hidden scratch folder of
+    nnUNet_raw first (``.DatasetNNN_crop-scratch.partial-PID@HOST-XXXX``: a stale one is removed as the
+    writer's, raw_dataset.py), whose result is cropped into the target (crop_to_label.py) and removed."""
     raw_root = _raw_root()
     if args.crop_to_label is None:
         print(args.convert(args, raw_root))
         return
     from nnunet_ext.conversion.crop_to_label import DEFAULT_MARGIN_MM, crop_dataset_to_label, margin_in_voxels
-    from nnunet_ext.conversion.raw_dataset import dataset_folder_name, existing_datasets
+    from nnunet_ext.conversion.raw_dataset import (dataset_folder_name, existing_datasets, owned_temporary_folder,
+                                                   remove_stale_partials)
+    from nnunet_ext.parallel import signals_deferred
     margin = DEFAULT_MARGIN_MM if args.crop_margin is None else args.crop_margin
     margin_in_voxels(margin, (1.0,))  # refuse a bad margin before converting
     if args.name is not None:
@@ -133,7 +150,9 @@ def _run_convert(args) -> None:
         raise UserInputError(f"dataset id {args.id} is already taken in nnUNet_raw: "
                              f"{', '.join(map(os.path.basename, taken))} (choose another --id or pass --overwrite)")
     os.makedirs(raw_root, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix='.nnunet-ext-crop-', dir=raw_root)
+    remove_stale_partials(raw_root, args.id)
+    with signals_deferred():  # the folder and its name in `scratch`, for the `finally` below
+        scratch = owned_temporary_folder(f'.Dataset{args.id:03d}_crop-scratch.partial-', raw_root)
     try:
         full_report = args.convert(args, scratch)
         (converted,) = os.listdir(scratch)
@@ -142,7 +161,8 @@ def _run_convert(args) -> None:
             os.path.join(scratch, converted), raw_root, args.id, args.name, args.overwrite, args.crop_to_label,
             margin, args.crop_keep, args.np, source=f"nnunet-ext convert {args.source} {os.path.abspath(args.input)}")
     finally:
-        shutil.rmtree(scratch)
+        with signals_deferred():
+            shutil.rmtree(scratch)
     print(_report(target, summary, labels))
     print(f"cropped to the {args.crop_to_label} box + {margin:g} mm; skipped (no {args.crop_to_label}): "
           f"{len(skipped)} case(s){': ' + ', '.join(skipped) if skipped else ''}")
@@ -182,7 +202,7 @@ def add_convert_parsers(sub) -> None:
     p.set_defaults(func=_run_convert, convert=_cmd_msd)
 
     p = sources.add_parser('folder2d', help='2D image/mask collections (Kvasir-SEG, ISIC, DRIVE, CVC-ClinicDB, '
-                                            'images/ + masks/), PNG/JPG/TIF/GIF/BMP -> PNG')
+                                            'images/ + masks/), PNG/JPG/TIF/GIF/BMP -> PNG (float images: TIF)')
     _add_common(p, 'Images2D')
     p.add_argument('--preset', choices=['kvasir', 'isic', 'drive', 'cvc'], default=None,
                    help='a public collection: its layout (folders and suffixes; the options below override it), '
@@ -191,10 +211,15 @@ def add_convert_parsers(sub) -> None:
     p.add_argument('--masks', default=None, help='mask folder below INPUT (default: masks)')
     p.add_argument('--image-suffix', default=None, help='stem suffix of the images, e.g. _training (DRIVE)')
     p.add_argument('--mask-suffix', default=None, help='stem suffix of the masks, e.g. _segmentation (ISIC)')
-    p.add_argument('--grey', action='store_true', help='convert images to one grey channel (default: keep RGB)')
-    p.add_argument('--threshold', type=int, default=128, help='binary masks: grey >= T is foreground (default 128)')
+    p.add_argument('--grey', action='store_true',
+                   help='one grey channel per image (default: keep RGB); colour becomes 8-bit grey, grey images '
+                        'keep their bit depth (16-bit, float)')
+    p.add_argument('--threshold', type=int, default=None,
+                   help='binarise the masks: grey >= T is foreground (default: the encoding is read from all masks)')
     p.add_argument('--mask-values', type=int, nargs='+', default=None, metavar='GREY',
                    help='multi-class masks: these grey values become labels 0, 1, 2, ... (exact match)')
+    p.add_argument('--mask-colours', nargs='+', default=None, metavar='R,G,B',
+                   help='colour masks: these colours become labels 0, 1, 2, ... (exact match), e.g. 0,0,0 255,0,0')
     p.add_argument('--resize', type=int, nargs=2, default=None, metavar=('ROWS', 'COLUMNS'),
                    help='resize images (bilinear) and masks (nearest)')
     p.add_argument('--split', default=None, help='file listing the test case stems (lines, or JSON {"test": [...]})')
@@ -218,6 +243,7 @@ def add_convert_parsers(sub) -> None:
                         '(Axial, Coronal, Sagittal) (default: nnU-Net\'s 2d slicing axis, the largest median spacing)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
     p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
+    _add_allow_empty_labels(p)
     p.set_defaults(func=_cmd_stack_slices)
 
     p = sub.add_parser('preprocess-images', help='apply the conversion-time CT options (--window/--hist-eq) and the '
@@ -261,8 +287,10 @@ def _cmd_stack_slices(args) -> None:
     source = dataset_name(args.source)
     name = args.name if args.name is not None else f"{source.split('_', 1)[1]}_{args.slices}slices"
     axis = None if args.axis is None else _slicing_axis(args.axis)
-    target, summary, stack = stack_dataset(os.path.join(raw_root, source), raw_root, args.id, name, args.slices,
-                                           args.overwrite, args.np, axis)
+    from nnunet_ext.conversion.raw_dataset import empty_labels_allowed
+    with empty_labels_allowed(args.allow_empty_labels):
+        target, summary, stack = stack_dataset(os.path.join(raw_root, source), raw_root, args.id, name, args.slices,
+                                               args.overwrite, args.np, axis)
     with open(os.path.join(target, 'dataset.json'), encoding='utf-8') as f:
         labels = json.load(f)['labels']
     print(_report(target, summary, labels))
@@ -297,17 +325,21 @@ def _cmd_preprocess_images(args) -> None:
         raise UserInputError(f"no *{args.file_ending} files in {args.input}")
     what = ', '.join(([intensity.describe()] if intensity.active else []) +
                      ([f'{stack.slices} slices per channel along axis {stack.axis}'] if stack else []))
+    from nnunet_ext.parallel import signals_deferred
     created = not os.path.isdir(args.output)
-    os.makedirs(args.output, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix='.preprocess-images-', dir=args.output)
+    with signals_deferred():  # the folders and their names, for the `finally` below
+        os.makedirs(args.output, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix='.preprocess-images-', dir=args.output)
     try:
         written = _preprocess_files(args.input, files, scratch, intensity, stack, channels, args.file_ending, what)
-        for name in written:
-            os.replace(os.path.join(scratch, name), os.path.join(args.output, name))
+        with signals_deferred():  # no interrupt between the moves
+            for name in written:
+                os.replace(os.path.join(scratch, name), os.path.join(args.output, name))
     finally:
-        shutil.rmtree(scratch)
-        if created and not os.listdir(args.output):  # an error before anything was moved into place
-            os.rmdir(args.output)
+        with signals_deferred():
+            shutil.rmtree(scratch)
+            if created and not os.listdir(args.output):  # an error before anything was moved into place
+                os.rmdir(args.output)
     print(f"wrote {len(written)} images to {args.output} ({what})")
 
 
@@ -317,11 +349,12 @@ def _preprocess_files(folder: str, files: List[str], output: str, intensity: CTI
     ``CASE_XXXX`` channel ``c`` -> ``CASE_{c * k + j}``) into ``output``; returns the names written."""
     import SimpleITK as sitk
     from tqdm import tqdm
+    from nnunet_ext.conversion.readers import read_image
     from nnunet_ext.conversion.slice_stack import stack_image
     pattern = re.compile(r'^(.+)_(\d{4})' + re.escape(file_ending) + '$')
     written = []
     for name in tqdm(files, desc=what, unit='image'):
-        image = sitk.ReadImage(os.path.join(folder, name))
+        image = read_image(name, os.path.join(folder, name))  # complete, finite (the checks of every case)
         if intensity.active:
             image = intensity.apply_to_image(image)
         if stack is None:

@@ -3,25 +3,43 @@
 :class:`RawDatasetWriter` is a context manager: cases are written into a hidden temporary folder next
 to the target (``nnUNet_raw/.DatasetNNN_NAME.partial-XXXX``), ``dataset.json`` is written with
 nnU-Net's own ``generate_dataset_json``, and the folder is moved into place (``os.replace``) only when
-the ``with`` block finished without error; on any error the temporary folder is removed, so no
-half-written dataset is ever left behind. A dataset id already used in ``nnUNet_raw`` is refused
-unless ``overwrite=True`` (the old folder is then replaced at the very end, after success).
+the ``with`` block finished without error; on any error -- a signal included: ``nnunet-ext`` turns SIGTERM
+and SIGINT into a ``KeyboardInterrupt`` -- the temporary folder is removed, so no half-written dataset is
+ever left behind. A dataset id already used in ``nnUNet_raw`` is refused unless ``overwrite=True`` (the old
+folder is then replaced at the very end, after success).
+
+Stale partial folders. A process killed without a chance to clean up (SIGKILL, the out-of-memory killer,
+power loss) leaves its temporary folder. Its name carries its owner, ``.DatasetNNN_NAME.partial-PID@HOST-XXXX``,
+and the next writer of dataset id NNN (:func:`remove_stale_partials`) removes every such folder whose owner
+no longer runs: same host, and the process PID is gone, a zombie, or started after the folder's last
+change (the PID was reused after a reboot). A partial folder whose owner runs -- another conversion of the
+same id -- or may run (another host: a shared ``nnUNet_raw``, where a PID means nothing here) is not
+touched, and the new conversion is refused (the two would clash when moving into place).
+
+All-background datasets. :meth:`RawDatasetWriter.finish` refuses a dataset whose training labels hold no
+foreground voxel at all (nothing for nnU-Net to learn; usually a wrong ``--threshold``, ``--mask-values``,
+``--structures`` or crop label) unless ``allow_empty_labels`` (``--allow-empty-labels``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import json
 import os
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunet_ext.errors import UserInputError
+from nnunet_ext.parallel import signals_deferred
 
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_\-]*$')
 
@@ -54,6 +72,126 @@ def case_channel_files(folder: str, file_ending: str, channels: int, expected_by
 def existing_datasets(raw_root: str, dataset_id: int) -> List[str]:
     """The folders ``raw_root/DatasetNNN_*`` of this id, sorted."""
     return sorted(glob.glob(os.path.join(raw_root, f'Dataset{dataset_id:03d}_*')))
+
+
+# ---------------------------------------------------------------- partial folders and their owners
+_OWNER = re.compile(r'\.partial-(?P<pid>\d+)@(?P<host>.+)-[^-]*$')
+#: seconds of clock slack when comparing a process's start with a folder's time (/proc gives the boot time
+#: in whole seconds)
+_CLOCK_SLACK_S = 2.0
+
+
+def this_host() -> str:
+    """The host name as written into partial folder names (characters other than letters, digits, '.' and '-'
+    replaced)."""
+    return re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()) or 'localhost'
+
+
+def owned_temporary_folder(prefix: str, parent: str) -> str:
+    """A new folder ``parent/<prefix>PID@HOST-XXXXXXXX`` (``tempfile.mkdtemp``) naming this process as its owner."""
+    return tempfile.mkdtemp(prefix=f'{prefix}{os.getpid()}@{this_host()}-', dir=parent)
+
+
+def _process_state(pid: int) -> Optional[Tuple[str, float]]:
+    """(state letter, start time in seconds since the epoch) of a process from Linux's /proc; None elsewhere."""
+    try:
+        with open(f'/proc/{pid}/stat', encoding='ascii', errors='replace') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        with open('/proc/stat', encoding='ascii') as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith('btime '))
+        return fields[0], boot + int(fields[19]) / os.sysconf('SC_CLK_TCK')
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None
+
+
+def partial_owner_runs(path: str) -> Optional[bool]:
+    """Whether the process that owns the partial folder ``path`` (named by :func:`owned_temporary_folder`)
+    still runs: True, False, or None where this cannot be told (another host). A folder without an owner in
+    its name (``.partial-XXXX``, written by versions that did not record it) is an old crash's: False."""
+    match = _OWNER.search(os.path.basename(path))
+    if match is None:
+        return False
+    pid, host = int(match.group('pid')), match.group('host')
+    if host != this_host():
+        return None
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    state = _process_state(pid)
+    if state is None:
+        return True
+    letter, started = state
+    if letter in ('Z', 'X'):  # exited, not yet reaped
+        return False
+    try:  # the owner started before it made the folder, and the folder's time is at least its making
+        return started <= os.stat(path).st_mtime + _CLOCK_SLACK_S
+    except FileNotFoundError:  # it finished meanwhile
+        return True
+
+
+def remove_stale_partials(raw_root: str, dataset_id: int, log: Callable[[str], None] = None) -> List[str]:
+    """Removes the partial folders of dataset id ``dataset_id`` (``raw_root/.DatasetNNN_*.partial-*``) whose owner
+    no longer runs, saying so through ``log`` (default: stderr); returns them. One of a running (or, on another
+    host, possibly running) conversion is refused: it would clash with this one when both move into place."""
+    if log is None:
+        def log(line: str) -> None:
+            print(line, file=sys.stderr)
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(raw_root), f'.Dataset{dataset_id:03d}_*.partial-*'))):
+        if not os.path.isdir(path):
+            continue
+        runs = partial_owner_runs(path)
+        if runs is False:
+            with signals_deferred():
+                shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                log(f"removed a partial conversion left by an earlier run: {path}")
+                removed.append(path)
+            continue
+        match = _OWNER.search(os.path.basename(path))
+        if runs is None:
+            raise UserInputError(f"dataset id {dataset_id} may be being written by process {match.group('pid')} on "
+                                 f"host {match.group('host')} (its partial folder: {path}); if nothing runs there, "
+                                 f"remove that folder, else wait or choose another --id")
+        if match.group('pid') != str(os.getpid()):
+            raise UserInputError(f"dataset id {dataset_id} is being written by process {match.group('pid')} (its "
+                                 f"partial folder: {path}); wait for it or choose another --id")
+    return removed
+
+
+# ---------------------------------------------------------------- all-background datasets
+_ALLOW_EMPTY_LABELS: contextvars.ContextVar[bool] = contextvars.ContextVar('allow_empty_labels', default=False)
+
+
+@contextlib.contextmanager
+def empty_labels_allowed(allowed: bool = True) -> Iterator[None]:
+    """The default of :class:`RawDatasetWriter`'s ``allow_empty_labels`` inside the block (the command line's
+    ``--allow-empty-labels`` for the writers a converter makes)."""
+    token = _ALLOW_EMPTY_LABELS.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOW_EMPTY_LABELS.reset(token)
+
+
+def has_foreground(label_files: Sequence[str], ignore_label: Optional[int] = None) -> bool:
+    """Whether any of ``label_files`` has a voxel other than background (0) and the ignore label; reads them
+    in order up to the first that has one."""
+    import SimpleITK as sitk
+    for path in label_files:
+        image = sitk.ReadImage(path)  # kept: the view below does not own its memory
+        values = sitk.GetArrayViewFromImage(image)
+        foreground = values != 0
+        if ignore_label is not None:
+            foreground &= values != ignore_label
+        if foreground.any():
+            return True
+    return False
 
 
 @dataclass
@@ -92,11 +230,13 @@ class RawDatasetWriter:
     Inside the ``with`` block use :meth:`image_path` / :meth:`label_path` to get the file names to write
     (workers may write them in parallel), :meth:`claim_case` to reserve a case id (duplicates are an
     error) and :meth:`finish` to write ``dataset.json``. ``finish`` must be called for the dataset to
-    be moved into place.
+    be moved into place. Entering the block removes the stale partial folders of the dataset id
+    (:func:`remove_stale_partials`). ``allow_empty_labels``: write a dataset whose training labels are all
+    background (default: refused by ``finish``; None: the :func:`empty_labels_allowed` setting).
     """
 
     def __init__(self, raw_root: str, dataset_id: int, name: str, overwrite: bool = False,
-                 file_ending: str = '.nii.gz'):
+                 file_ending: str = '.nii.gz', allow_empty_labels: Optional[bool] = None):
         if not raw_root:
             raise UserInputError("nnUNet_raw is not set: eval \"$(nnunet-ext env --root DIR)\" first")
         self.raw_root = os.path.abspath(raw_root)
@@ -105,6 +245,7 @@ class RawDatasetWriter:
         self.dataset_id = dataset_id
         self.overwrite = overwrite
         self.file_ending = file_ending
+        self.allow_empty_labels = _ALLOW_EMPTY_LABELS.get() if allow_empty_labels is None else allow_empty_labels
         self.existing = existing_datasets(self.raw_root, dataset_id)
         if self.existing and not overwrite:
             raise UserInputError(f"dataset id {dataset_id} is already taken in nnUNet_raw: "
@@ -116,9 +257,15 @@ class RawDatasetWriter:
 
     def __enter__(self) -> 'RawDatasetWriter':
         os.makedirs(self.raw_root, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f'.{self.folder_name}.partial-', dir=self.raw_root)
-        for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
-            os.makedirs(os.path.join(self.tmp, sub))
+        remove_stale_partials(self.raw_root, self.dataset_id)
+        try:
+            with signals_deferred():  # the folder and its name in self.tmp, for __exit__ to remove
+                self.tmp = owned_temporary_folder(f'.{self.folder_name}.partial-', self.raw_root)
+            for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
+                os.makedirs(os.path.join(self.tmp, sub))
+        except BaseException:
+            self._remove_tmp()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -126,10 +273,16 @@ class RawDatasetWriter:
             if exc_type is None:
                 if not self._finished:
                     raise RuntimeError("RawDatasetWriter: finish() was not called; nothing was written")
-                self._move_into_place()
+                with signals_deferred():  # the old dataset removed and the new one in place, or neither
+                    self._move_into_place()
         finally:
+            self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        with signals_deferred():  # a signal now (SIGTERM after Ctrl-C) must not leave half of it
             if self.tmp is not None and os.path.isdir(self.tmp):
                 shutil.rmtree(self.tmp)
+            self.tmp = None
 
     # --- paths
     def claim_case(self, case_id: str, source: str) -> None:
@@ -160,9 +313,18 @@ class RawDatasetWriter:
         from nnunet_ext import __version__
         dataset_json_kwargs.setdefault('converted_by', f'nnunet-ext {__version__} (nnunet-ext convert)')
         tmp = self._tmp()
-        num_training = len([f for f in os.listdir(os.path.join(tmp, 'labelsTr')) if f.endswith(self.file_ending)])
+        training_labels = sorted(os.path.join(tmp, 'labelsTr', f) for f in os.listdir(os.path.join(tmp, 'labelsTr'))
+                                 if f.endswith(self.file_ending))
+        num_training = len(training_labels)
         if num_training == 0:
             raise UserInputError("no training case was converted (no image/label pair found)")
+        ignore = labels.get('ignore')
+        if not self.allow_empty_labels and not has_foreground(training_labels, ignore if isinstance(ignore, int)
+                                                              else None):
+            raise UserInputError(f"the labels of all {num_training} training case(s) are background only (no voxel of "
+                                 f"any label > 0): nnU-Net would learn nothing; check the source's labels and the "
+                                 f"options that make them (e.g. --threshold, --mask-values, --structures, the crop "
+                                 f"label), or pass --allow-empty-labels to write it anyway")
         citation = dataset_json_kwargs.pop('citation', None)
         generate_dataset_json(tmp, channel_names, labels, num_training, self.file_ending,
                               dataset_name=self.folder_name, **dataset_json_kwargs)

@@ -56,6 +56,7 @@ from tqdm import tqdm
 from nnunet_ext.conversion.crop_to_label import Box, bounding_box, crop_image, margin_in_voxels, paste, sitk_spacing
 from nnunet_ext.conversion.geometry import check_same_grid
 from nnunet_ext.conversion.readers import checked_label_counts, read_image
+from nnunet_ext.parallel import signals_deferred
 from nnunet_ext.inference.cascade_checks import (DEFAULT_FOLDS, PAPER_REFINEMENT, Refinement,  # noqa: F401
                                                  StageModel, check_cascade, list_cases)
 
@@ -315,8 +316,9 @@ def run_cascade(input_folder: str, output_folder: str, fine: StageModel, coarse:
                 coarse_region = read_coarse_region(case, cases[case][0], mask_path[case], region_values)[0]
             paste_case(case, cases[case][0], result.boxes.get(case), fine_stage.latest.get(case), fine_values,
                        os.path.join(final, case + file_ending), coarse_region, crop_value)
-        for case in cases:
-            os.replace(os.path.join(final, case + file_ending), os.path.join(output_folder, case + file_ending))
+        with signals_deferred():  # all cases or none: a signal waits until the last one is in place
+            for case in cases:
+                os.replace(os.path.join(final, case + file_ending), os.path.join(output_folder, case + file_ending))
         succeeded = True
         if save_coarse_masks is not None:
             os.makedirs(save_coarse_masks, exist_ok=True)
