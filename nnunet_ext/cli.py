@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional
 
 from nnunet_ext import __version__
 from nnunet_ext.environment import EnvironmentSetupError
-from nnunet_ext.errors import UserInputError
+from nnunet_ext.errors import UserInputError, positive_int
 
 
 def _cmd_env(args) -> None:
@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('dataset_id', type=int)
     p.add_argument('-pl', required=True, help='planner class name (see: nnunet-ext planners)')
     p.add_argument('-c', nargs='+', default=['2d', '3d_fullres', '3d_lowres'], help='configurations to preprocess')
-    p.add_argument('-np', type=int, nargs='+', default=None, help='preprocessing processes (one, or one per -c)')
-    p.add_argument('-npfp', type=int, default=8, help='fingerprint extraction processes')
+    p.add_argument('-np', type=positive_int, nargs='+', default=None,
+                   help='preprocessing processes (one, or one per -c)')
+    p.add_argument('-npfp', type=positive_int, default=8, help='fingerprint extraction processes')
     p.add_argument('-gpu_memory_target', type=float, default=None, help='GPU memory target in GB (planner default)')
     p.add_argument('-overwrite_plans_name', default=None, help='custom plans identifier')
     p.add_argument('--verify_dataset_integrity', action='store_true')
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='vote ties (no label with a strict plurality): probability: the tied label with the highest '
                         'mean probability over the views (needs --save_probabilities; default); lowest: the lowest '
                         'tied label (reads the segmentations only)')
-    p.add_argument('-np', type=int, default=2, help='processes (default: 2)')
+    p.add_argument('-np', type=positive_int, default=2, help='processes (default: 2)')
     p.add_argument('--no_pbar', action='store_true')
     p.set_defaults(func=_cmd_fuse_views)
 

@@ -9,6 +9,18 @@ class UserInputError(Exception):
     and what to do."""
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (process counts), refused with argparse's one-line error."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def name_some(names: Iterable[str], limit: int = 10) -> str:
     """The first ``limit`` of ``names`` (sorted) for an error message, and how many more there are."""
     names = sorted(names)

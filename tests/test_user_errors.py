@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from nnunet_ext.cli import main
@@ -60,6 +62,7 @@ CASES = {
     'preprocess missing input': ['preprocess-images', MISSING, OUT],
     'preprocess unknown dataset': ['preprocess-images', EMPTY, OUT, '-d', '987'],
     'preprocess bad window': ['preprocess-images', EMPTY, OUT, '--window', '5', '1'],
+    # (evaluate's and compare's -np is checked by their own table tests, test_evaluate_cli.py / test_compare.py)
     # convert: every source with a missing, a file and an empty input; the common options' bad values
     **{f'convert {s} missing input': _convert(s, MISSING) for s in CONVERT},
     **{f'convert {s} file as input': _convert(s, FILE) for s in CONVERT},
@@ -67,7 +70,11 @@ CASES = {
     'convert id 0': ['convert', 'lits', EMPTY, '--id', '0'],
     'convert id 1000': ['convert', 'lits', EMPTY, '--id', '1000'],
     'convert bad name': ['convert', 'lits', EMPTY, '--id', '520', '--name', 'bad name'],
-    'convert -np 0': ['convert', 'lits', EMPTY, '--id', '520', '-np', '0'],
+    'convert -np 0': ['convert', 'lits', '{lits}', '--id', '520', '-np', '0'],
+    'convert -np x': ['convert', 'lits', '{lits}', '--id', '520', '-np', 'x'],
+    'stack -np 0': ['stack-slices', EMPTY, '--id', '521', '-np', '0'],
+    'fuse -np 0': ['fuse-views', '-i', EMPTY, EMPTY2, '-o', OUT, '-np', '0'],
+    'plan -np 0': ['plan', '987', '-pl', 'ExperimentPlanner', '-np', '0'],
     'convert reversed window': ['convert', 'lits', EMPTY, '--id', '520', '--window', '100', '-100'],
     'convert crop to an unknown label': ['convert', 'lits', EMPTY, '--id', '520', '--crop-to-label', 'nosuch'],
     'convert folder2d unknown preset': ['convert', 'folder2d', EMPTY, '--id', '520', '--preset', 'nosuch'],
@@ -92,7 +99,14 @@ def places(tmp_path, monkeypatch):
     (tmp_path / 'a_file.txt').write_text('not what was expected')
     for name in ('empty', 'empty2'):
         (tmp_path / name).mkdir()
-    return {'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
+    lits = tmp_path / 'lits'  # a valid LiTS source: only the option is wrong
+    lits.mkdir()
+    for number in (0, 1):
+        label = np.zeros((8, 8, 4), np.uint8)
+        label[2:5, 2:5, 1:3] = 1
+        nib.save(nib.Nifti1Image(label.astype(np.int16) * 100, np.eye(4)), str(lits / f'volume-{number}.nii.gz'))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(lits / f'segmentation-{number}.nii.gz'))
+    return {'lits': str(lits), 'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
             'empty': str(tmp_path / 'empty'), 'empty2': str(tmp_path / 'empty2'), 'out': str(tmp_path / 'out')}
 
 

@@ -10,7 +10,7 @@ import tempfile
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from nnunet_ext.conversion.ct_intensity import CTIntensity
-from nnunet_ext.errors import UserInputError
+from nnunet_ext.errors import UserInputError, positive_int
 
 if TYPE_CHECKING:
     from nnunet_ext.conversion.slice_stack import SliceStack
@@ -33,7 +33,7 @@ def _add_common(p: argparse.ArgumentParser, name_default: str) -> None:
     p.add_argument('--name', default=None, help=f'target dataset name (default: {name_default or "from the source"}; '
                                                 f'with --crop-to-label L: that name + "_LCrop")')
     p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
-    p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
+    p.add_argument('-np', type=positive_int, default=2, help='worker processes (default: 2)')
     p.add_argument('--crop-to-label', default=None, metavar='LABEL',
                    help='write the second-stage training set of a two-stage cascade instead: each labelled case '
                         'cropped to the bounding box of LABEL (name or number) and the labels kept inside it, '
@@ -242,7 +242,7 @@ def add_convert_parsers(sub) -> None:
                    help='array axis to stack along: 0, 1, 2, or the view of MultiView2DPlanner\'s plans to train '
                         '(Axial, Coronal, Sagittal) (default: nnU-Net\'s 2d slicing axis, the largest median spacing)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing dataset with this id')
-    p.add_argument('-np', type=int, default=2, help='worker processes (default: 2)')
+    p.add_argument('-np', type=positive_int, default=2, help='worker processes (default: 2)')
     _add_allow_empty_labels(p)
     p.set_defaults(func=_cmd_stack_slices)
 
