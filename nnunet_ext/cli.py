@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional
 
 from nnunet_ext import __version__
 from nnunet_ext.environment import EnvironmentSetupError
-from nnunet_ext.errors import UserInputError, positive_int
+from nnunet_ext.errors import UserInputError, positive_float, positive_int
 
 
 def _cmd_env(args) -> None:
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-np', type=positive_int, nargs='+', default=None,
                    help='preprocessing processes (one, or one per -c)')
     p.add_argument('-npfp', type=positive_int, default=8, help='fingerprint extraction processes')
-    p.add_argument('-gpu_memory_target', type=float, default=None, help='GPU memory target in GB (planner default)')
+    p.add_argument('-gpu_memory_target', type=positive_float, default=None,
+                   help='GPU memory target in GB (planner default)')
     p.add_argument('-overwrite_plans_name', default=None, help='custom plans identifier')
     p.add_argument('--verify_dataset_integrity', action='store_true')
     p.add_argument('--clean', action='store_true', help='re-extract the fingerprint')

@@ -21,6 +21,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An ``argparse`` type: a finite number > 0 (a GPU memory target in GB)."""
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
 def name_some(names: Iterable[str], limit: int = 10) -> str:
     """The first ``limit`` of ``names`` (sorted) for an error message, and how many more there are."""
     names = sorted(names)

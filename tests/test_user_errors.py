@@ -74,6 +74,7 @@ CASES = {
     'convert -np x': ['convert', 'lits', '{lits}', '--id', '520', '-np', 'x'],
     'stack -np 0': ['stack-slices', EMPTY, '--id', '521', '-np', '0'],
     'fuse -np 0': ['fuse-views', '-i', EMPTY, EMPTY2, '-o', OUT, '-np', '0'],
+    'plan negative memory target': ['plan', '987', '-pl', 'ExperimentPlanner', '-gpu_memory_target', '-1'],
     'plan -np 0': ['plan', '987', '-pl', 'ExperimentPlanner', '-np', '0'],
     'convert reversed window': ['convert', 'lits', EMPTY, '--id', '520', '--window', '100', '-100'],
     'convert crop to an unknown label': ['convert', 'lits', EMPTY, '--id', '520', '--crop-to-label', 'nosuch'],
