@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -309,7 +310,15 @@ def _signals_raise_interrupted() -> Iterator[Callable[[], None]]:
         yield disarm
         return
 
+    owner = os.getpid()
+
     def handler(signal_number, frame):
+        if os.getpid() != owner:  # a forked child (nnU-Net's fork pools) inherited this handler: behave as
+            if signal_number == signal.SIGINT:  # Python's default there, or the pool's terminate() (SIGTERM)
+                signal.default_int_handler(signal_number, frame)  # deadlocks on a lock the worker holds
+            signal.signal(signal_number, signal.SIG_DFL)
+            os.kill(os.getpid(), signal_number)
+            return
         if armed[0] and not _interrupt_in_flight():
             raise Interrupted(signal_number)
 

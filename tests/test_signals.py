@@ -351,3 +351,21 @@ def test_stack_slices_stops_on_sigterm(tmp_path, env):
     _assert_one_line(job.stderr(), 'nnunet-ext stack-slices: interrupted (SIGTERM); partial output removed')
     assert os.listdir(raw) == ['Dataset708_Source']
     _assert_no_orphans(children)
+
+
+def test_a_forked_child_of_the_command_dies_of_sigterm_as_by_default():
+    """nnU-Net's fork pools (fingerprint extraction, preprocessing) inherit the command's SIGTERM handler; a pool's
+    terminate() sends SIGTERM, and a worker that raised an interrupt instead of dying could deadlock on a lock it
+    holds (seen in CI: `nnunet-ext plan` hung for 900 s). The oracle: the kernel's report of how the child ended."""
+    import signal
+    import time
+    from nnunet_ext.cli import _signals_raise_interrupted
+    with _signals_raise_interrupted():
+        pid = os.fork()
+        if pid == 0:  # the child: wait to be killed
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
