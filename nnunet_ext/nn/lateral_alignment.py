@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_ext.nn.deformable_conv.geometry import OffsetChannels
 from nnunet_ext.nn.deformable_conv import (DeformableConv, _compute_dtype, _geometry, _Geometry, _or_unused,
                                            define_operator, deform_backward, deform_conv, deform_forward, steps_for)
 
@@ -60,7 +61,7 @@ def _kernel(kernel_size: IntOrTuple, ndim: int) -> Tuple[int, ...]:
     return kernel
 
 
-class SharedKernelSlice(nn.Module):
+class SharedKernelSlice(OffsetChannels, nn.Module):
     """A deformable convolution whose kernel is a slice of a kernel bank shared by several levels.
 
     The paper's "Conv. shared" ablation (Table II) shares the deformable kernels of all LFAMs, as
@@ -95,18 +96,6 @@ class SharedKernelSlice(nn.Module):
         self.dilation = (1,) * self.ndim
         self.padding = tuple(k // 2 for k in kernel)
         self._crop = tuple(slice((b - k) // 2, (b - k) // 2 + k) for b, k in zip(bank.kernel_size, kernel))
-
-    @property
-    def kernel_numel(self) -> int:
-        return math.prod(self.kernel_size)
-
-    @property
-    def offset_channels(self) -> int:
-        return self.ndim * self.offset_groups * self.kernel_numel
-
-    @property
-    def mask_channels(self) -> int:
-        return self.offset_groups * self.kernel_numel
 
     def weight_and_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """This level's kernel (a view of the bank: gradients flow into the bank) and bias."""

@@ -55,6 +55,25 @@ def resolve_sampler(sampler: str, device: torch.device) -> str:
     return sampler
 
 
+class OffsetChannels:
+    """The channel counts a deformable convolution layer's offsets and mask must have, from its ``ndim``,
+    ``offset_groups`` and ``kernel_size`` (``DeformableConv`` and LFAM's ``SharedKernelSlice``)."""
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def offset_channels(self) -> int:
+        """Channels the offset tensor must have: ``ndim * offset_groups * prod(kernel_size)``."""
+        return self.ndim * self.offset_groups * self.kernel_numel
+
+    @property
+    def mask_channels(self) -> int:
+        """Channels the modulation mask must have: ``offset_groups * prod(kernel_size)``."""
+        return self.offset_groups * self.kernel_numel
+
+
 class _Geometry(NamedTuple):
     """Static description of one deformable convolution call (Python ints only: constant under compile)."""
     n: int

@@ -8,11 +8,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnunet_ext.nn.deformable_conv.geometry import SAMPLERS, IntOrTuple, _tuple, deform_conv_output_size
+from nnunet_ext.nn.deformable_conv.geometry import (SAMPLERS, IntOrTuple, OffsetChannels, _tuple,
+                                                     deform_conv_output_size)
 from nnunet_ext.nn.deformable_conv.operator import deform_conv
 
 
-class DeformableConv(nn.Module):
+class DeformableConv(OffsetChannels, nn.Module):
     """Deformable convolution layer (DCNv1, or DCNv2 when a mask is passed), 2D or 3D, with learnable
     weight and bias; offsets and mask are inputs to :meth:`forward` (in LFAM they are predicted by a
     separate, zero-initialised conv from the skip and decoder features). See :func:`deform_conv` for
@@ -74,20 +75,6 @@ class DeformableConv(nn.Module):
     def weight_and_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The kernel and bias this layer convolves with (:class:`SharedKernelSlice` has the same method)."""
         return self.weight, self.bias
-
-    @property
-    def kernel_numel(self) -> int:
-        return math.prod(self.kernel_size)
-
-    @property
-    def offset_channels(self) -> int:
-        """Channels the offset tensor must have: ``ndim * offset_groups * prod(kernel_size)``."""
-        return self.ndim * self.offset_groups * self.kernel_numel
-
-    @property
-    def mask_channels(self) -> int:
-        """Channels the modulation mask must have: ``offset_groups * prod(kernel_size)``."""
-        return self.offset_groups * self.kernel_numel
 
     def output_size(self, input_size: Sequence[int]) -> Tuple[int, ...]:
         """Spatial output size (also that of offset and mask) for an input of spatial size ``input_size``."""
