@@ -13,15 +13,13 @@ import tarfile
 import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import SimpleITK as sitk
 
+from nnunet_ext.conversion.geometry import check_same_grid
 from nnunet_ext.conversion.raw_dataset import ConversionSummary, RawDatasetWriter
 from nnunet_ext.conversion.readers import checked_label_counts, read_image, read_label
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.parallel import run_cases
-
-GEOMETRY_TOLERANCE = 1e-3  # mm for spacing and origin, absolute for direction cosines (as geometry.check_same_grid)
 
 
 def _task_folder(path: str, scratch: str) -> str:
@@ -48,34 +46,20 @@ def _nifti_cases(folder: str) -> Dict[str, str]:
             if f.endswith('.nii.gz') and not f.startswith(('.', '_'))}
 
 
-def _spatial(image: sitk.Image) -> Tuple[tuple, tuple, tuple, np.ndarray]:
-    """Size, spacing, origin and direction of the three spatial axes (a 4D MSD image: the first three)."""
-    n = image.GetDimension()
-    direction = np.asarray(image.GetDirection()).reshape(n, n)[:3, :3]
-    return image.GetSize()[:3], image.GetSpacing()[:3], image.GetOrigin()[:3], direction
-
-
 def check_msd_case(case: str, image_path: str, label_path: Optional[str], allowed_labels: Sequence[int]
                    ) -> Tuple[Tuple[float, ...], Dict[int, int]]:
     """The checks of every case (``readers``): image and label complete, finite intensities, the label on the
     image's spatial grid, label values among those ``dataset.json`` lists. Returns (spacing, label counts)."""
     image = read_image(case, image_path)
-    size, spacing, origin, direction = _spatial(image)
+    spacing = tuple(image.GetSpacing()[:3])  # a 4D image: the spatial axes
     if label_path is None:
-        return tuple(spacing), {}
+        return spacing, {}
     label = read_label(case, label_path)
     if label.GetDimension() != 3:
         raise UserInputError(f"{case}: label {label_path} is {label.GetDimension()}D; MSD labels are 3D")
-    l_size, l_spacing, l_origin, l_direction = _spatial(label)
-    if tuple(size) != tuple(l_size):
-        raise UserInputError(f"{case}: image size {tuple(size)} and label size {tuple(l_size)} differ ({label_path})")
-    for what, a, b in (('spacing', spacing, l_spacing), ('origin', origin, l_origin),
-                       ('direction', direction, l_direction)):
-        if not np.allclose(np.ravel(a), np.ravel(b), rtol=0, atol=GEOMETRY_TOLERANCE):
-            a, b = (tuple(np.round(np.ravel(v), 4).tolist()) for v in (a, b))
-            raise UserInputError(f"{case}: image and label {what} differ: {a} vs {b} ({label_path})")
+    check_same_grid(case, image, label, 'label', source=label_path)
     counts = checked_label_counts(case, sitk.GetArrayViewFromImage(label), allowed_labels, label_path)
-    return tuple(spacing), counts
+    return spacing, counts
 
 
 def convert_msd_case(case: str, image_path: str, label_path: Optional[str], allowed_labels: Sequence[int],
