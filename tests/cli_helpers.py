@@ -116,6 +116,36 @@ def verify_raw_dataset(folder: str) -> None:
     verify_dataset_integrity(folder, num_processes=1)
 
 
+def snapshot(root) -> set:
+    """Every file and folder under ``root`` (hidden ones included): what a failed run must not add to."""
+    return {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+def refused_in_process(capsys, argv: Sequence[str], watched, pattern: Optional[str] = None,
+                       may_appear: Sequence[str] = ()) -> str:
+    """``nnunet-ext ARGV`` in-process (``nnunet_ext.cli.main``, as the console script calls it; an exception
+    escaping it is the traceback a user would see): exit status 2 (argparse's own refusals included), exactly
+    one ``error:`` line on stderr besides progress bars, no traceback, the message after ``nnunet-ext `` matching
+    the regex ``pattern``, and nothing new under ``watched`` but the empty folders ``may_appear``. Returns the
+    error line."""
+    from nnunet_ext.cli import main
+    before = snapshot(watched)
+    try:
+        status = main(list(argv))
+    except SystemExit as e:  # argparse: usage + one error line
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2, f"{argv}: exit status {status}\n{err}"
+    assert 'Traceback' not in err, err
+    errors = [line for line in re.split(r'[\r\n]', err) if 'error:' in line]
+    assert len(errors) == 1, err
+    if pattern is not None:
+        assert re.search(pattern, errors[0].split('nnunet-ext ', 1)[-1]), err
+    new = snapshot(watched) - before
+    assert all(n in may_appear and not os.listdir(os.path.join(watched, n)) for n in new), new
+    return errors[0]
+
+
 def assert_refused(result: subprocess.CompletedProcess, pattern: str, raw_folder: str) -> None:
     """A user error: exit code 2, stderr matching the regex ``pattern``, no traceback, and nothing left
     in ``raw_folder`` (the converters' all-or-nothing promise)."""

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_helpers import snapshot
 from test_metrics import oracle
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), 'nnunet-ext')
@@ -222,11 +223,6 @@ def test_bad_arguments(setup):
 ERROR = 'nnunet-ext {}: error: '
 #: the lines a command prints on stderr before it fails (with --no_pbar): evaluate's and compare's progress notes
 NOTE = re.compile(r'^(\d+ cases, file ending |classes: |missing: |note: |Dataset\d{3}_\w+, configuration )')
-
-
-def snapshot(root) -> set:
-    """Every file and folder under ``root`` (hidden ones included): what a failed run must not add to."""
-    return {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files}
 
 
 def refused(capsys, argv, root, pattern=None, exact=None) -> str:
