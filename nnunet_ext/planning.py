@@ -32,20 +32,22 @@ def plan_and_preprocess_all(dataset_id: int, planner_name: str,
     ``configurations`` (nnU-Net skips, with a message, a configuration a plans file does not have)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiment_dataset,
                                                                         preprocess as run_preprocessing)
+    from nnunet_ext.nnunet_glue import file_listing_in_process
     from nnunet_ext.registry import find_planner
 
     planner = find_planner(planner_name)
-    extract_fingerprints([dataset_id], 'DatasetFingerprintExtractor', fingerprint_processes,
-                         verify_dataset_integrity, clean, verbose=False, show_progress_bar=progress)
-    _, plans_identifier = plan_experiment_dataset(dataset_id, planner, gpu_memory_target, preprocessor_name,
-                                                  overwrite_target_spacing, overwrite_plans_name)
-    identifiers = _written_plans_identifiers(planner, plans_identifier)
-    if preprocess:
-        if num_processes is None:
-            num_processes = [DEFAULT_PROCESSES.get(c, 4) for c in configurations]
-        for identifier in identifiers:
-            run_preprocessing([dataset_id], identifier, list(configurations), list(num_processes),
-                              verbose=False, show_progress_bar=progress)
+    with file_listing_in_process():  # nnU-Net's fork pool could hang: see there
+        extract_fingerprints([dataset_id], 'DatasetFingerprintExtractor', fingerprint_processes,
+                             verify_dataset_integrity, clean, verbose=False, show_progress_bar=progress)
+        _, plans_identifier = plan_experiment_dataset(dataset_id, planner, gpu_memory_target, preprocessor_name,
+                                                      overwrite_target_spacing, overwrite_plans_name)
+        identifiers = _written_plans_identifiers(planner, plans_identifier)
+        if preprocess:
+            if num_processes is None:
+                num_processes = [DEFAULT_PROCESSES.get(c, 4) for c in configurations]
+            for identifier in identifiers:
+                run_preprocessing([dataset_id], identifier, list(configurations), list(num_processes),
+                                  verbose=False, show_progress_bar=progress)
     return identifiers
 
 

@@ -137,12 +137,13 @@ def predict(settings: DemoSettings, trainer_name: str, images: str, output: str,
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.paths import nnUNet_results
+    from nnunet_ext.nnunet_glue import file_listing_in_process
 
     model_folder = os.path.join(str(nnUNet_results), f'Dataset{settings.dataset_id:03d}_{DEMO_NAME}',
                                 f'{trainer_name}__nnUNetPlans__{CONFIGURATION}')
     predictor = nnUNetPredictor(device=torch.device(settings.device), allow_tqdm=False)
     os.makedirs(output, exist_ok=True)
-    with _quiet(log_path):
+    with _quiet(log_path), file_listing_in_process():  # a folder: nnU-Net lists it with a fork pool
         predictor.initialize_from_trained_model_folder(model_folder, use_folds=(FOLD,))
         predictor.predict_from_files_sequential(images, output, save_probabilities=False, overwrite=True)
 
