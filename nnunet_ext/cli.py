@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nnunet_ext.conversion.commands import add_convert_parsers
     add_convert_parsers(sub)
+    from nnunet_ext.study.commands import add_parser as add_study_parser
+    add_study_parser(sub)
     return parser
 
 

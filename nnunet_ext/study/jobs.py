@@ -1,0 +1,171 @@
+"""The study's jobs other than training (``python -m nnunet_ext.study.jobs plan|test|report SPEC ...``): what
+each SLURM task or local subprocess runs. Trainings run ``python -m nnunet_ext.study.train``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional, Sequence
+
+from nnunet_ext.study.layout import StudyLayout
+from nnunet_ext.study.spec import StudySpec, load_spec
+
+
+# ------------------------------------------------------------------------------------------------- plan
+
+def write_default_splits(dataset: str, spec: StudySpec) -> Optional[str]:
+    """``splits_final.json`` as nnU-Net's first training would write it (its seeded 5-fold split of the cases
+    preprocessed for the first configuration), when missing, so that trainings started together read it
+    instead of racing to write it. Returns the path written, or None."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunet_ext.study.graph import plans_file
+    folder = os.path.join(os.environ['nnUNet_preprocessed'], dataset)
+    path = os.path.join(folder, 'splits_final.json')
+    if os.path.isfile(path):
+        return None
+    with open(plans_file(dataset, spec.plans), encoding='utf-8') as f:
+        data = os.path.join(folder, json.load(f)['configurations'][spec.configurations[0]]['data_identifier'])
+    identifiers = sorted(infer_dataset_class(data).get_identifiers(data))
+    splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix='.splits_final.', suffix='.json')
+    with os.fdopen(handle, 'w', encoding='utf-8') as f:
+        json.dump(splits, f, indent=4)
+    os.replace(temporary, path)
+    return path
+
+
+def plan(spec: StudySpec, dataset: str) -> None:
+    """Plans and preprocesses what is missing (fingerprint kept when there is one), then writes the splits."""
+    from nnunet_ext.planning import plan_and_preprocess_all
+    from nnunet_ext.study.graph import needs_planning, plans_file
+    if needs_planning(dataset, spec) and not _preprocessed(dataset, spec):
+        planner = spec.planner or 'ExperimentPlanner'
+        dataset_id = int(dataset[len('Dataset'):len('Dataset') + 3])
+        print(f'planning {dataset} with {planner} for {", ".join(spec.configurations)}', flush=True)
+        processes = min(8, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)
+        if os.environ.get('nnUNet_n_proc_DA') == '0':  # nnU-Net's planner fails with 0 (a CPU trial's setting)
+            os.environ['nnUNet_n_proc_DA'] = '1'
+        written = plan_and_preprocess_all(dataset_id, planner, spec.configurations,
+                                          [processes] * len(spec.configurations), processes, progress=False)
+        if not os.path.isfile(plans_file(dataset, spec.plans)):
+            raise RuntimeError(f"{planner} wrote the plans {', '.join(written)}, not {spec.plans}: set data.plans "
+                               f"or data.planner in the spec")
+    path = write_default_splits(dataset, spec)
+    if path:
+        print(f'wrote nnU-Net\'s default 5-fold split: {path}', flush=True)
+
+
+def _preprocessed(dataset: str, spec: StudySpec) -> bool:
+    """Plans and data are there (only the splits are missing)."""
+    from nnunet_ext.study.graph import plans_file
+    path = plans_file(dataset, spec.plans)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding='utf-8') as f:
+        configurations = json.load(f).get('configurations', {})
+    return all(os.path.isdir(os.path.join(os.path.dirname(path), configurations.get(c, {}).get('data_identifier', '?')))
+               for c in spec.configurations)
+
+
+# ------------------------------------------------------------------------------------------------- test
+
+def test_cases(dataset: str) -> dict:
+    """``{case: [image files]}`` of ``imagesTs`` that have a label in ``labelsTs``."""
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+    raw = os.path.join(os.environ['nnUNet_raw'], dataset)
+    with open(os.path.join(raw, 'dataset.json'), encoding='utf-8') as f:
+        dataset_json = json.load(f)
+    ending, channels = dataset_json['file_ending'], len(dataset_json.get('channel_names', dataset_json.get('modality')))
+    images, labels = os.path.join(raw, 'imagesTs'), os.path.join(raw, 'labelsTs')
+    cases = {}
+    for case in sorted(get_identifiers_from_splitted_dataset_folder(images, ending)):
+        if os.path.isfile(os.path.join(labels, case + ending)):
+            cases[case] = [os.path.join(images, f'{case}_{c:04d}{ending}') for c in range(channels)]
+    return cases
+
+
+def test(spec: StudySpec, dataset: str, configuration: str, trainer: str, seed: int) -> None:
+    """Predicts the test cases with the fold ensemble of (trainer, configuration, seed) as ``nnUNetv2_predict``
+    does (its ``nnUNetPredictor`` at its defaults, ``checkpoint_final.pth``), then scores them against
+    ``labelsTs`` with ``nnunet-ext evaluate``'s metrics. The folder appears complete or not at all."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunet_ext.evaluation.evaluate import evaluate_folders
+    layout = StudyLayout(spec.folder)
+    folder = layout.test_folder(seed, dataset, trainer, spec.plans, configuration)
+    if os.path.isfile(os.path.join(folder, 'evaluation.json')):
+        print(f'done already: {folder}')
+        return
+    cases = test_cases(dataset)
+    if not cases:
+        raise RuntimeError(f"{dataset} has no imagesTs case with a label in labelsTs")
+    device = torch.device(spec.device)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's leftovers (never complete)
+    temporary = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.partial-')
+    try:
+        predictions = os.path.join(temporary, 'predictions')
+        os.makedirs(predictions)
+        predictor = nnUNetPredictor(device=device, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(
+            layout.model_folder(seed, dataset, trainer, spec.plans, configuration),
+            use_folds=[f if f == 'all' else int(f) for f in spec.folds], checkpoint_name='checkpoint_final.pth')
+        names = sorted(cases)
+        inputs, outputs = [cases[c] for c in names], [os.path.join(predictions, c) for c in names]
+        print(f'predicting {len(names)} test cases with folds {", ".join(map(str, spec.folds))}', flush=True)
+        if device.type == 'cpu':
+            predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=False, overwrite=True)
+        else:
+            predictor.predict_from_files(inputs, outputs, save_probabilities=False, overwrite=True,
+                                         num_processes_preprocessing=2, num_processes_segmentation_export=2)
+        labels = os.path.join(os.environ['nnUNet_raw'], dataset, 'labelsTs')
+        evaluate_folders(predictions, labels, dataset=dataset, output_file=os.path.join(temporary, 'evaluation.json'),
+                         num_processes=1, progress=False)
+        os.replace(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    print(f'test set scored: {os.path.join(folder, "evaluation.json")}')
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def report(spec: StudySpec) -> List[str]:
+    """Writes the report from what is done (what is not is listed in it); returns the report files."""
+    from nnunet_ext.study.collect import write_study_report
+    return write_study_report(spec)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m nnunet_ext.study.jobs', description=__doc__)
+    sub = parser.add_subparsers(dest='job', required=True)
+    p = sub.add_parser('plan')
+    p.add_argument('spec')
+    p.add_argument('dataset')
+    p = sub.add_parser('test')
+    p.add_argument('spec')
+    p.add_argument('dataset')
+    p.add_argument('configuration')
+    p.add_argument('trainer')
+    p.add_argument('seed', type=int)
+    p = sub.add_parser('report')
+    p.add_argument('spec')
+    args = parser.parse_args(argv)
+    spec = load_spec(args.spec)
+    if args.job == 'plan':
+        plan(spec, args.dataset)
+    elif args.job == 'test':
+        test(spec, args.dataset, args.configuration, args.trainer, args.seed)
+    else:
+        for path in report(spec):
+            print(f'report: {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
