@@ -98,7 +98,7 @@ def test_graph_has_one_training_per_fold_seed_trainer_and_one_test_per_seed(tmp_
     train_b = next(j for j in jobs if j.id == 'train__Dataset002_B__2d__nnUNetTrainer__fold_1__seed_5')
     assert train_b.needs == ('plan__Dataset002_B',)
     assert dict(train_b.env)['nnUNet_results'] == os.path.join(spec.folder, 'results', 'seed_5')
-    assert train_b.argv[1:] == ('-m', 'nnunet_ext.study.train', 'Dataset002_B', '2d', '1', 'nnUNetTrainer', '-p',
+    assert train_b.argv[1:] == ('-m', 'nnunet_ext.study', 'train', 'Dataset002_B', '2d', '1', 'nnUNetTrainer', '-p',
                                 'nnUNetPlans', '--seed', '5', '--device', 'cuda')
     assert next(j for j in jobs if j.id.startswith('train__Dataset001_A')).needs == ()
     ids = [j.id for j in jobs]

@@ -82,10 +82,10 @@ def _test(job: Job, state: dict) -> dict:
 
 def collect(spec: StudySpec, dataset: str, jobs: List[Job], states: Dict[str, dict]) -> dict:
     """The ``results`` dict of one dataset."""
-    from nnunet_ext.study.jobs import test_cases
+    from nnunet_ext.study.test_set import labelled_test_cases
     dataset_json = _dataset_json(dataset)
     mine = [j for j in jobs if j.info.get('dataset') == dataset]
-    test_images = test_cases(dataset) if spec.predict_test else {}
+    test_images = labelled_test_cases(dataset) if spec.predict_test else {}
     return dict(name=spec.name, dataset=dataset, baseline=spec.baseline,
                 classes=list(scored_classes(dataset_json).values()), file_ending=dataset_json['file_ending'],
                 trainings=[_training(j, states[j.id], dataset_json) for j in mine if j.kind == TRAIN],

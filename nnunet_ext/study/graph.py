@@ -30,8 +30,9 @@ class Job:
     info: Dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
 
-def _python(module: str, *args: object) -> Tuple[str, ...]:
-    return (sys.executable, '-m', module, *(str(a) for a in args))
+def _python(*args: object) -> Tuple[str, ...]:
+    """``python -m nnunet_ext.study JOB ARGS`` (``__main__.py``) with this interpreter (the user's environment)."""
+    return (sys.executable, '-m', __package__, *(str(a) for a in args))
 
 
 def resolve_datasets(spec: StudySpec) -> List[str]:
@@ -44,7 +45,8 @@ def resolve_datasets(spec: StudySpec) -> List[str]:
         try:
             names.append(dataset_name(dataset))
         except UserInputError as e:
-            raise UserInputError(f"study spec: data.datasets: {e}") from None
+            raise UserInputError(f"study spec: data.datasets: {str(e).splitlines()[0].split('. ')[0]} (nnUNet_raw: "
+                                 f"{os.environ.get('nnUNet_raw')}); fix the dataset or the nnUNet_* folders") from None
     return names
 
 
@@ -78,7 +80,7 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
         plan_needed = needs_planning(dataset, spec)
         plan_id = f'plan__{dataset}'
         if plan_needed:
-            jobs.append(Job(plan_id, PLAN, PLAN, _python('nnunet_ext.study.jobs', 'plan', spec.path, dataset),
+            jobs.append(Job(plan_id, PLAN, PLAN, _python('plan', spec.path, dataset),
                             f'plan and preprocess {dataset} ({spec.plans}: {", ".join(spec.configurations)})',
                             info=dict(dataset=dataset)))
         for configuration in spec.configurations:
@@ -89,7 +91,7 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
                     for fold in spec.folds:
                         job_id = f'train__{model}__fold_{fold}__seed_{seed}'
                         trainings[seed].append(job_id)
-                        argv = _python('nnunet_ext.study.train', dataset, configuration, fold, trainer, '-p',
+                        argv = _python('train', dataset, configuration, fold, trainer, '-p',
                                        spec.plans, '--seed', seed, *length, '--device', spec.device,
                                        *(['--npz'] if spec.npz else []))
                         jobs.append(Job(job_id, TRAIN, f'train__{model}', argv,
@@ -104,7 +106,7 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
                     for seed in spec.seeds:
                         jobs.append(Job(
                             f'test__{model}__seed_{seed}', TEST, f'test__{model}',
-                            _python('nnunet_ext.study.jobs', 'test', spec.path, dataset, configuration, trainer,
+                            _python('test', spec.path, dataset, configuration, trainer,
                                     seed),
                             f'predict and score the test set: {trainer} {configuration} seed {seed} on {dataset}',
                             needs=tuple(trainings[seed]), env=(('nnUNet_results', layout.results(seed)),),
@@ -112,7 +114,7 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
                                       plans=spec.plans, folder=layout.test_folder(seed, dataset, trainer,
                                                                                   spec.plans, configuration))))
     others = tuple(j.id for j in jobs if j.kind in (TRAIN, TEST))
-    jobs.append(Job('report', REPORT, REPORT, _python('nnunet_ext.study.jobs', 'report', spec.path),
+    jobs.append(Job('report', REPORT, REPORT, _python('report', spec.path),
                     f'report: {os.path.join(layout.report, "report.md")}', needs=others, after_any=True))
     return jobs
 

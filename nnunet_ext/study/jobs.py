@@ -1,5 +1,5 @@
-"""The study's jobs other than training (``python -m nnunet_ext.study.jobs plan|test|report SPEC ...``): what
-each SLURM task or local subprocess runs. Trainings run ``python -m nnunet_ext.study.train``."""
+"""The study's jobs other than training (``python -m nnunet_ext.study plan|test|report SPEC ...``): what
+each SLURM task or local subprocess runs. Trainings run ``python -m nnunet_ext.study train`` (``train.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -73,21 +73,6 @@ def _preprocessed(dataset: str, spec: StudySpec) -> bool:
 
 # ------------------------------------------------------------------------------------------------- test
 
-def test_cases(dataset: str) -> dict:
-    """``{case: [image files]}`` of ``imagesTs`` that have a label in ``labelsTs``."""
-    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
-    raw = os.path.join(os.environ['nnUNet_raw'], dataset)
-    with open(os.path.join(raw, 'dataset.json'), encoding='utf-8') as f:
-        dataset_json = json.load(f)
-    ending, channels = dataset_json['file_ending'], len(dataset_json.get('channel_names', dataset_json.get('modality')))
-    images, labels = os.path.join(raw, 'imagesTs'), os.path.join(raw, 'labelsTs')
-    cases = {}
-    for case in sorted(get_identifiers_from_splitted_dataset_folder(images, ending)):
-        if os.path.isfile(os.path.join(labels, case + ending)):
-            cases[case] = [os.path.join(images, f'{case}_{c:04d}{ending}') for c in range(channels)]
-    return cases
-
-
 def test(spec: StudySpec, dataset: str, configuration: str, trainer: str, seed: int) -> None:
     """Predicts the test cases with the fold ensemble of (trainer, configuration, seed) as ``nnUNetv2_predict``
     does (its ``nnUNetPredictor`` at its defaults, ``checkpoint_final.pth``), then scores them against
@@ -95,12 +80,13 @@ def test(spec: StudySpec, dataset: str, configuration: str, trainer: str, seed: 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunet_ext.evaluation.evaluate import evaluate_folders
+    from nnunet_ext.study.test_set import labelled_test_cases
     layout = StudyLayout(spec.folder)
     folder = layout.test_folder(seed, dataset, trainer, spec.plans, configuration)
     if os.path.isfile(os.path.join(folder, 'evaluation.json')):
         print(f'done already: {folder}')
         return
-    cases = test_cases(dataset)
+    cases = labelled_test_cases(dataset)
     if not cases:
         raise RuntimeError(f"{dataset} has no imagesTs case with a label in labelsTs")
     device = torch.device(spec.device)
@@ -142,7 +128,7 @@ def report(spec: StudySpec) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m nnunet_ext.study.jobs', description=__doc__)
+    parser = argparse.ArgumentParser(prog='python -m nnunet_ext.study', description=__doc__)
     sub = parser.add_subparsers(dest='job', required=True)
     p = sub.add_parser('plan')
     p.add_argument('spec')
