@@ -71,7 +71,7 @@ def check_data(spec: StudySpec, datasets: List[str]) -> None:
         if wrong:
             raise UserInputError(f"study spec: runs.folds: {dataset} has {folds} folds (0-{folds - 1}), not "
                                  f"{', '.join(map(str, wrong))}; fix runs.folds")
-        if spec.predict_test:
+        if spec.predict_test and (spec.split is None or spec.split.test == 'labelsTs'):
             raw = os.path.join(os.environ['nnUNet_raw'], dataset)
             if not os.path.isdir(os.path.join(raw, 'labelsTs')) or not os.path.isdir(os.path.join(raw, 'imagesTs')):
                 raise UserInputError(f"study spec: test.predict: {dataset} has no imagesTs and labelsTs to score; "

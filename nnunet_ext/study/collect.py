@@ -82,16 +82,16 @@ def _test(job: Job, state: dict) -> dict:
 
 def collect(spec: StudySpec, dataset: str, jobs: List[Job], states: Dict[str, dict]) -> dict:
     """The ``results`` dict of one dataset."""
-    from nnunet_ext.study.test_set import labelled_test_cases
+    from nnunet_ext.study.split import test_set
     dataset_json = _dataset_json(dataset)
     mine = [j for j in jobs if j.info.get('dataset') == dataset]
-    test_images = labelled_test_cases(dataset) if spec.predict_test else {}
+    test_images, test_labels = test_set(spec, dataset) if spec.predict_test else ({}, None)
     return dict(name=spec.name, dataset=dataset, baseline=spec.baseline,
                 classes=list(scored_classes(dataset_json).values()), file_ending=dataset_json['file_ending'],
                 trainings=[_training(j, states[j.id], dataset_json) for j in mine if j.kind == TRAIN],
                 tests=[_test(j, states[j.id]) for j in mine if j.kind == TEST],
                 test_images=test_images,
-                test_labels=os.path.join(os.environ['nnUNet_raw'], dataset, 'labelsTs') if test_images else None)
+                test_labels=test_labels if test_images else None)
 
 
 def write_study_report(spec: StudySpec, active: Optional[Dict[str, str]] = None) -> List[str]:

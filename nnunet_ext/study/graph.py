@@ -55,8 +55,12 @@ def plans_file(dataset: str, plans: str) -> str:
 
 
 def needs_planning(dataset: str, spec: StudySpec) -> bool:
-    """The plans file, the data folder of each configuration or ``splits_final.json`` is missing."""
+    """The plans file, the data folder of each configuration, ``splits_final.json`` or the study's own split
+    (``[split]``) is missing."""
     import json
+    from nnunet_ext.study.split import SPLIT_FILE, private_dataset
+    if spec.split is not None and not os.path.isfile(os.path.join(private_dataset(spec, dataset), SPLIT_FILE)):
+        return True
     path = plans_file(dataset, spec.plans)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(os.path.dirname(path), 'splits_final.json')):
         return True
@@ -75,6 +79,8 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
     layout = StudyLayout(spec.folder)
     datasets = resolve_datasets(spec) if datasets is None else datasets
     jobs: List[Job] = []
+    # a study with its own split trains and predicts from its own preprocessed folder (links to the user's)
+    preprocessed = (('nnUNet_preprocessed', layout.preprocessed),) if spec.split is not None else ()
     length = [a for key, value in spec.training_length().items() for a in (f"--{key.replace('_', '-')}", value)]
     for dataset in datasets:
         plan_needed = needs_planning(dataset, spec)
@@ -97,7 +103,7 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
                         jobs.append(Job(job_id, TRAIN, f'train__{model}', argv,
                                         f'train {trainer} {configuration} fold {fold} seed {seed} on {dataset}',
                                         needs=(plan_id,) if plan_needed else (),
-                                        env=(('nnUNet_results', layout.results(seed)),),
+                                        env=(('nnUNet_results', layout.results(seed)), *preprocessed),
                                         info=dict(dataset=dataset, configuration=configuration, trainer=trainer,
                                                   fold=fold, seed=seed, plans=spec.plans,
                                                   folder=layout.fold_folder(seed, dataset, trainer, spec.plans,
@@ -109,7 +115,8 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
                             _python('test', spec.path, dataset, configuration, trainer,
                                     seed),
                             f'predict and score the test set: {trainer} {configuration} seed {seed} on {dataset}',
-                            needs=tuple(trainings[seed]), env=(('nnUNet_results', layout.results(seed)),),
+                            needs=tuple(trainings[seed]),
+                            env=(('nnUNet_results', layout.results(seed)), *preprocessed),
                             info=dict(dataset=dataset, configuration=configuration, trainer=trainer, seed=seed,
                                       plans=spec.plans, folder=layout.test_folder(seed, dataset, trainer,
                                                                                   spec.plans, configuration))))

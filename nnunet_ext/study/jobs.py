@@ -57,6 +57,11 @@ def plan(spec: StudySpec, dataset: str) -> None:
     path = write_default_splits(dataset, spec)
     if path:
         print(f'wrote nnU-Net\'s default 5-fold split: {path}', flush=True)
+    if spec.split is not None:
+        from nnunet_ext.study.split import make_split, private_dataset
+        split = make_split(spec, dataset)
+        print(f"the study's own split: {len(split['train'])} training, {len(split['val'])} validation, "
+              f"{len(split['test'])} test cases: {private_dataset(spec, dataset)}", flush=True)
 
 
 def _preprocessed(dataset: str, spec: StudySpec) -> bool:
@@ -80,15 +85,15 @@ def test(spec: StudySpec, dataset: str, configuration: str, trainer: str, seed: 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunet_ext.evaluation.evaluate import evaluate_folders
-    from nnunet_ext.study.test_set import labelled_test_cases
+    from nnunet_ext.study.split import test_set
     layout = StudyLayout(spec.folder)
     folder = layout.test_folder(seed, dataset, trainer, spec.plans, configuration)
     if os.path.isfile(os.path.join(folder, 'evaluation.json')):
         print(f'done already: {folder}')
         return
-    cases = labelled_test_cases(dataset)
+    cases, labels = test_set(spec, dataset)
     if not cases:
-        raise RuntimeError(f"{dataset} has no imagesTs case with a label in labelsTs")
+        raise RuntimeError(f"{dataset} has no test cases (imagesTs with labelsTs, or held out by [split])")
     device = torch.device(spec.device)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
@@ -109,7 +114,6 @@ def test(spec: StudySpec, dataset: str, configuration: str, trainer: str, seed: 
         else:
             predictor.predict_from_files(inputs, outputs, save_probabilities=False, overwrite=True,
                                          num_processes_preprocessing=2, num_processes_segmentation_export=2)
-        labels = os.path.join(os.environ['nnUNet_raw'], dataset, 'labelsTs')
         evaluate_folders(predictions, labels, dataset=dataset, output_file=os.path.join(temporary, 'evaluation.json'),
                          num_processes=1, progress=False)
         os.replace(temporary, folder)

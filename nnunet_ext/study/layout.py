@@ -7,6 +7,7 @@
     state/JOB.exit            the exit status of a job's last attempt (written by the executor)
     slurm/*.sbatch            the generated batch scripts; slurm/submitted.json: the job ids submitted
     report/                   the report (report.md, report.html, PNG), per dataset
+    preprocessed/DATASET/     with [split]: links to the user's preprocessed dataset, the study's splits_final.json
 """
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ class StudyLayout:
     @property
     def slurm(self) -> str:
         return os.path.join(self.folder, 'slurm')
+
+    @property
+    def preprocessed(self) -> str:
+        """nnUNet_preprocessed of a study with its own split (``nnunet_ext.study.split``)."""
+        return os.path.join(self.folder, 'preprocessed')
 
     @property
     def report(self) -> str:

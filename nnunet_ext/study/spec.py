@@ -29,6 +29,7 @@ KEYS = {
     'trainers': {'baseline', 'compare'},
     'runs': {'folds', 'seeds', 'epochs', 'iterations', 'val_iterations', 'device', 'npz'},
     'test': {'predict'},
+    'split': {'test', 'holdout', 'val_cases', 'seed'},
     'executor': {'kind', 'jobs', 'gpus', 'slurm'},
     'executor.slurm': {'partition', 'account', 'gpus', 'cpus', 'mem', 'time', 'signal_seconds', 'extra'},
 }
@@ -46,6 +47,16 @@ class SlurmSettings:
     time: str = ''            # --time of a training job (e.g. "24:00:00"); empty: the partition's default
     signal_seconds: int = 300  # --signal=B:USR1@N: the warning before the time limit
     extra: Tuple[str, ...] = ()  # further '#SBATCH ...' lines, verbatim
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """The study's own split (``[split]``; as ``bench/ab_real.py`` does): one fold 0 of ``train``/``val`` cases
+    and a test set of ``labelsTs`` or of held-out ``imagesTr`` cases (``nnunet_ext.study.split``)."""
+    test: str = 'auto'                 # auto (labelsTs if there are any, else holdout), labelsTs, holdout
+    holdout: Optional[int] = None      # held-out test cases (default 20 %, >= 2)
+    val_cases: Optional[int] = None    # nnU-Net's validation cases (default 10 %, >= 1; 0: the training cases)
+    seed: int = 12345                  # of the case permutation
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class StudySpec:
     jobs: int = 1
     gpus: Tuple[int, ...] = ()
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
+    split: Optional[SplitSettings] = None
 
     def training_length(self) -> Dict[str, int]:
         return {k: v for k, v in (('epochs', self.epochs), ('iterations', self.iterations),
@@ -183,14 +195,33 @@ def _slurm(executor: dict) -> SlurmSettings:
                          extra=tuple(extra))
 
 
+def _split(document: dict, runs: dict) -> Optional[SplitSettings]:
+    if 'split' not in document:
+        return None
+    table = _table(document, 'split')
+    test = _typed(table, 'split', 'test', str, 'auto')
+    if test not in ('auto', 'labelsTs', 'holdout'):
+        raise _refuse('split.test', f'{test!r} is not a test set', 'use auto, labelsTs or holdout')
+    holdout = _positive(table, 'split', 'holdout', None, minimum=2)
+    if holdout is not None and test == 'labelsTs':
+        raise _refuse('split.holdout', 'holds out cases of imagesTr, which contradicts test = "labelsTs"',
+                      'remove one of them')
+    if runs.get('folds', [0]) != [0]:
+        raise _refuse('runs.folds', 'a study with [split] trains fold 0 of its own split', 'set folds = [0]')
+    return SplitSettings(test=test, holdout=holdout, val_cases=_positive(table, 'split', 'val_cases', None, minimum=0),
+                         seed=_positive(table, 'split', 'seed', 12345, minimum=0))
+
+
 def parse_spec(document: Dict[str, Any], path: str) -> StudySpec:
     """A spec from a parsed TOML document; ``path`` (the spec file) anchors a relative ``study.folder``."""
     for name in document:
-        if name not in ('study', 'data', 'trainers', 'runs', 'test', 'executor'):
-            raise _refuse(name, 'unknown table', 'the tables are [study] [data] [trainers] [runs] [test] [executor]')
+        if name not in ('study', 'data', 'trainers', 'runs', 'test', 'split', 'executor'):
+            raise _refuse(name, 'unknown table',
+                          'the tables are [study] [data] [trainers] [runs] [test] [split] [executor]')
     tables = {name: _table(document, name) for name in ('study', 'data', 'trainers', 'runs', 'test', 'executor')}
     for name, table in tables.items():
         _check_keys(table, name)
+    _check_keys(_table(document, 'split'), 'split')
     study, data, trainers, runs, test, executor = (tables[n] for n in
                                                    ('study', 'data', 'trainers', 'runs', 'test', 'executor'))
     default_name = os.path.splitext(os.path.basename(path))[0]
@@ -210,17 +241,19 @@ def parse_spec(document: Dict[str, Any], path: str) -> StudySpec:
     gpus = _typed(executor, 'executor', 'gpus', list, [])
     if any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus):
         raise _refuse('executor.gpus', f'{gpus!r} are not GPU numbers', 'e.g. gpus = [0, 1] (CUDA device ids)')
+    folds = (0,) if 'split' in document and 'folds' not in runs else _folds(runs)
     return StudySpec(
         path=os.path.abspath(path), name=name, folder=folder,
         datasets=_strings(data, 'data', 'datasets', required=True),
         configurations=_strings(data, 'data', 'configurations', ['2d']),
         plans=_typed(data, 'data', 'plans', str, 'nnUNetPlans'),
         planner=_typed(data, 'data', 'planner', str, ''),
-        baseline=baseline, trainers=(baseline, *compared), folds=_folds(runs), seeds=_seeds(runs),
+        baseline=baseline, trainers=(baseline, *compared), folds=folds, seeds=_seeds(runs),
         epochs=_positive(runs, 'runs', 'epochs'), iterations=_positive(runs, 'runs', 'iterations'),
         val_iterations=_positive(runs, 'runs', 'val_iterations'), device=device,
         npz=_typed(runs, 'runs', 'npz', bool, False), predict_test=_typed(test, 'test', 'predict', bool, True),
-        executor=kind, jobs=_positive(executor, 'executor', 'jobs', 1), gpus=tuple(gpus), slurm=_slurm(executor))
+        executor=kind, jobs=_positive(executor, 'executor', 'jobs', 1), gpus=tuple(gpus), slurm=_slurm(executor),
+        split=_split(document, runs))
 
 
 def load_spec(path: str) -> StudySpec:
