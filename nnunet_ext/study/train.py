@@ -223,6 +223,10 @@ def configure_torch(device_name: str):
     """The device and torch's threads as ``nnUNetv2_train -device`` sets them (on a CPU, one thread per
     core this process may run on: a SLURM allocation, not the whole node)."""
     import torch
+    if device_name == 'cuda' and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
+    if device_name == 'mps' and not torch.backends.mps.is_available():
+        raise UserInputError("--device mps: PyTorch sees no MPS device here; use --device cpu")
     device = torch.device(device_name)
     if device.type == 'cpu':
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
@@ -496,9 +500,13 @@ def _run_job(job: TrainingJob, flags: SignalFlags, say: Callable[[str], None]) -
         attempt.say(interrupted.message)
         attempt.end(OUTCOME_PREEMPTED, PREFIX + interrupted.message, attempt.next_epoch)
         return PREEMPTED_STATUS
-    except BaseException as error:
-        attempt.end(OUTCOME_FAILED, f"{PREFIX}failed: {type(error).__name__}: {error}", None,
-                    error=f"{type(error).__name__}: {error}")
+    except UserInputError:
+        raise
+    except BaseException as error:  # nnU-Net's behaviour: the traceback follows this line
+        message = f"failed: {type(error).__name__}: {error}"
+        if attempt.record is not None:
+            attempt.say(message)
+        attempt.end(OUTCOME_FAILED, PREFIX + message, None, error=f"{type(error).__name__}: {error}")
         raise
 
 
