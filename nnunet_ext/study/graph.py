@@ -54,23 +54,26 @@ def plans_file(dataset: str, plans: str) -> str:
     return os.path.join(os.environ['nnUNet_preprocessed'], dataset, f'{plans}.json')
 
 
-def needs_planning(dataset: str, spec: StudySpec) -> bool:
-    """The plans file, the data folder of each configuration, ``splits_final.json`` or the study's own split
-    (``[split]``) is missing."""
+def preprocessed(dataset: str, spec: StudySpec) -> bool:
+    """The plans file and the preprocessed data of each configuration are there."""
     import json
+    path = plans_file(dataset, spec.plans)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding='utf-8') as f:
+        configurations = json.load(f).get('configurations', {})
+    return all(os.path.isdir(os.path.join(os.path.dirname(path), configurations.get(c, {}).get('data_identifier', '')))
+               and 'data_identifier' in configurations.get(c, {}) for c in spec.configurations)
+
+
+def needs_planning(dataset: str, spec: StudySpec) -> bool:
+    """The plans, the preprocessed data, ``splits_final.json`` or the study's own split (``[split]``) is missing:
+    the plan job makes what is."""
     from nnunet_ext.study.split import SPLIT_FILE, private_dataset
     if spec.split is not None and not os.path.isfile(os.path.join(private_dataset(spec, dataset), SPLIT_FILE)):
         return True
-    path = plans_file(dataset, spec.plans)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(os.path.dirname(path), 'splits_final.json')):
-        return True
-    with open(path, encoding='utf-8') as f:
-        configurations = json.load(f).get('configurations', {})
-    for configuration in spec.configurations:
-        identifier = configurations.get(configuration, {}).get('data_identifier')
-        if identifier is None or not os.path.isdir(os.path.join(os.path.dirname(path), identifier)):
-            return True
-    return False
+    splits = os.path.join(os.path.dirname(plans_file(dataset, spec.plans)), 'splits_final.json')
+    return not (preprocessed(dataset, spec) and os.path.isfile(splits))
 
 
 def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[Job]:

@@ -41,8 +41,8 @@ def write_default_splits(dataset: str, spec: StudySpec) -> Optional[str]:
 def plan(spec: StudySpec, dataset: str) -> None:
     """Plans and preprocesses what is missing (fingerprint kept when there is one), then writes the splits."""
     from nnunet_ext.planning import plan_and_preprocess_all
-    from nnunet_ext.study.graph import needs_planning, plans_file
-    if needs_planning(dataset, spec) and not _preprocessed(dataset, spec):
+    from nnunet_ext.study.graph import plans_file, preprocessed
+    if not preprocessed(dataset, spec):
         planner = spec.planner or 'ExperimentPlanner'
         dataset_id = int(dataset[len('Dataset'):len('Dataset') + 3])
         print(f'planning {dataset} with {planner} for {", ".join(spec.configurations)}', flush=True)
@@ -62,18 +62,6 @@ def plan(spec: StudySpec, dataset: str) -> None:
         split = make_split(spec, dataset)
         print(f"the study's own split: {len(split['train'])} training, {len(split['val'])} validation, "
               f"{len(split['test'])} test cases: {private_dataset(spec, dataset)}", flush=True)
-
-
-def _preprocessed(dataset: str, spec: StudySpec) -> bool:
-    """Plans and data are there (only the splits are missing)."""
-    from nnunet_ext.study.graph import plans_file
-    path = plans_file(dataset, spec.plans)
-    if not os.path.isfile(path):
-        return False
-    with open(path, encoding='utf-8') as f:
-        configurations = json.load(f).get('configurations', {})
-    return all(os.path.isdir(os.path.join(os.path.dirname(path), configurations.get(c, {}).get('data_identifier', '?')))
-               for c in spec.configurations)
 
 
 # ------------------------------------------------------------------------------------------------- test
