@@ -99,8 +99,9 @@ def read_training_record(fold_folder: str) -> Optional[dict]:
     (1, 2, ...), ``action`` (fresh, resume, validate), ``resumed_from`` (a checkpoint name or null),
     ``start_epoch`` (the first epoch it trained, 0-based), ``end_epoch`` (the epoch the next run starts
     at; null after a failure), ``outcome`` (finished, validated, preempted, failed; running while it
-    runs, or if it was killed without a word), ``signal``, ``message`` (its last line),
-    ``median_train_step_seconds`` (of nnU-Net's ``train_step`` in this run; null without steps),
+    runs, or if it was killed without a word), ``signal``, ``message`` (its last line, without
+    ``study train:``), ``error`` (after a failure), ``median_train_step_seconds`` (of nnU-Net's
+    ``train_step`` in this run; null without steps),
     ``train_steps``, ``seed``, ``num_epochs``, ``num_iterations_per_epoch``,
     ``num_val_iterations_per_epoch`` (in force), ``device``, ``host``, ``slurm_job_id``, ``started``,
     ``ended`` (ISO times)."""
@@ -489,8 +490,10 @@ def _run_job(job: TrainingJob, flags: SignalFlags, say: Callable[[str], None]) -
                         f"attempt {number}) in {folder}")
         attempt.run_training()
         attempt.validate()
-        message = (f"finished: {trainer.num_epochs} epochs trained (epochs {attempt.start_epoch} to "
-                   f"{trainer.num_epochs - 1} in attempt {number}) and validated: {folder}")
+        trained = f"epochs {attempt.start_epoch} to {trainer.num_epochs - 1}" \
+            if attempt.start_epoch < trainer.num_epochs else "none"
+        message = (f"finished: {trainer.num_epochs} epochs trained ({trained} in attempt {number}) and validated: "
+                   f"{folder}")
         attempt.say(message)
         attempt.end(OUTCOME_FINISHED, message, trainer.current_epoch)
         return 0
@@ -498,7 +501,7 @@ def _run_job(job: TrainingJob, flags: SignalFlags, say: Callable[[str], None]) -
         if attempt.trainer is not None:
             shut_down_dataloaders(attempt.trainer)
         attempt.say(interrupted.message)
-        attempt.end(OUTCOME_PREEMPTED, PREFIX + interrupted.message, attempt.next_epoch)
+        attempt.end(OUTCOME_PREEMPTED, interrupted.message, attempt.next_epoch)
         return PREEMPTED_STATUS
     except UserInputError:
         raise
@@ -506,7 +509,7 @@ def _run_job(job: TrainingJob, flags: SignalFlags, say: Callable[[str], None]) -
         message = f"failed: {type(error).__name__}: {error}"
         if attempt.record is not None:
             attempt.say(message)
-        attempt.end(OUTCOME_FAILED, PREFIX + message, None, error=f"{type(error).__name__}: {error}")
+        attempt.end(OUTCOME_FAILED, message, None, error=f"{type(error).__name__}: {error}")
         raise
 
 
