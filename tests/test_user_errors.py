@@ -77,6 +77,14 @@ CASES = {
     'convert reversed window': ['convert', 'lits', EMPTY, '--id', '520', '--window', '100', '-100'],
     'convert crop to an unknown label': ['convert', 'lits', EMPTY, '--id', '520', '--crop-to-label', 'nosuch'],
     'convert folder2d unknown preset': ['convert', 'folder2d', EMPTY, '--id', '520', '--preset', 'nosuch'],
+    # study: the spec file and what it names
+    'study plan missing spec': ['study', 'plan', MISSING],
+    'study run a file that is not TOML': ['study', 'run', FILE],
+    'study plan unknown dataset': ['study', 'plan', '{spec}'],
+    'study status unknown dataset': ['study', 'status', '{spec}'],
+    'study init over an existing file': ['study', 'init', FILE, '-d', '987', '-tr', 'nnUNetTrainerGODC'],
+    'study init into a missing folder': ['study', 'init', MISSING + '/s.toml', '-d', '987', '-tr', 'X'],
+    'study init bad fold': ['study', 'init', OUT + '.toml', '-d', '987', '-tr', 'X', '-f', 'one'],
     # argparse's own refusals: usage and one error line, status 2
     'unknown subcommand': ['nosuchcommand'],
     'missing required option': ['convert', 'lits', EMPTY],
@@ -87,6 +95,7 @@ ENVIRONMENT_CASES = {  # the environment a user forgot to set
     'stack-slices without nnUNet_raw': (['stack-slices', EMPTY, '--id', '521'], 'nnUNet_raw'),
     'compare without nnUNet_results': (['compare', '987', '-c', '2d'], 'nnUNet_results'),
     'plan without nnUNet_preprocessed': (['plan', '987', '-pl', 'ExperimentPlanner'], 'nnUNet_preprocessed'),
+    'study without nnUNet_raw': (['study', 'plan', '{spec}'], 'nnUNet_raw'),
 }
 
 
@@ -105,7 +114,8 @@ def places(tmp_path, monkeypatch):
         label[2:5, 2:5, 1:3] = 1
         nib.save(nib.Nifti1Image(label.astype(np.int16) * 100, np.eye(4)), str(lits / f'volume-{number}.nii.gz'))
         nib.save(nib.Nifti1Image(label, np.eye(4)), str(lits / f'segmentation-{number}.nii.gz'))
-    return {'lits': str(lits), 'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
+    (tmp_path / 's.toml').write_text('[data]\ndatasets = [987]\n[trainers]\ncompare = ["nnUNetTrainerGODC"]\n')
+    return {'spec': str(tmp_path / 's.toml'), 'lits': str(lits), 'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
             'empty': str(tmp_path / 'empty'), 'empty2': str(tmp_path / 'empty2'), 'out': str(tmp_path / 'out')}
 
 
