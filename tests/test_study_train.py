@@ -34,6 +34,7 @@ from cli_helpers import planned_phantom, user_environment
 
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.study import train as study_train
+from nnunet_ext.study.files import write_json_atomically
 
 pytestmark = pytest.mark.cli
 
@@ -320,7 +321,7 @@ def test_finished_rule_record_and_next_action(tmp_path):
     with open(os.path.join(fold, 'validation', 'summary.json'), 'w', encoding='utf-8') as f:
         f.write('{}')
     assert study_train.training_finished(fold) and study_train.next_action(fold) == ('finished', None)
-    study_train.write_json_atomically(os.path.join(fold, study_train.RECORD_NAME), {'attempts': []})
+    write_json_atomically(os.path.join(fold, study_train.RECORD_NAME), {'attempts': []})
     assert study_train.read_training_record(fold) == {'attempts': []}
     assert [n for n in os.listdir(fold) if n.endswith('.tmp')] == []
 
@@ -340,7 +341,7 @@ def test_continuing_refuses_other_settings_and_inherits_missing_ones(tmp_path, m
     fold = _fold(str(tmp_path), 'nnUNetTrainer')
     os.makedirs(fold)
     open(os.path.join(fold, 'checkpoint_latest.pth'), 'wb').close()
-    study_train.write_json_atomically(os.path.join(fold, study_train.RECORD_NAME), dict(attempts=attempts))
+    write_json_atomically(os.path.join(fold, study_train.RECORD_NAME), dict(attempts=attempts))
     before = _files(str(tmp_path))
     assert study_train.main([DATASET, '2d', '0', 'nnUNetTrainer', '--iterations', '6']) == 2
     err = capsys.readouterr().err

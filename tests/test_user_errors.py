@@ -115,7 +115,8 @@ def places(tmp_path, monkeypatch):
         nib.save(nib.Nifti1Image(label.astype(np.int16) * 100, np.eye(4)), str(lits / f'volume-{number}.nii.gz'))
         nib.save(nib.Nifti1Image(label, np.eye(4)), str(lits / f'segmentation-{number}.nii.gz'))
     (tmp_path / 's.toml').write_text('[data]\ndatasets = [987]\n[trainers]\ncompare = ["nnUNetTrainerGODC"]\n')
-    return {'spec': str(tmp_path / 's.toml'), 'lits': str(lits), 'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
+    return {'spec': str(tmp_path / 's.toml'),
+            'lits': str(lits), 'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
             'empty': str(tmp_path / 'empty'), 'empty2': str(tmp_path / 'empty2'), 'out': str(tmp_path / 'out')}
 
 

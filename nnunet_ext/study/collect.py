@@ -10,6 +10,7 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
+from nnunet_ext.study.files import write_json_atomically, write_text_atomically
 from nnunet_ext.study.graph import TEST, TRAIN, Job, build_graph, resolve_datasets
 from nnunet_ext.study.layout import StudyLayout
 from nnunet_ext.study.spec import StudySpec
@@ -107,8 +108,9 @@ def write_study_report(spec: StudySpec, active: Optional[Dict[str, str]] = None)
         paths = write_report(collect(spec, dataset, jobs, states), os.path.join(layout.report, dataset))
         written.extend(paths.values() if isinstance(paths, dict) else paths)
     inputs = done_results(jobs, jobs_done(jobs, spec))
-    written.append(_write_atomically(os.path.join(layout.report, 'report.md'), _index(spec, datasets, jobs, states)))
-    _write_atomically(os.path.join(layout.report, REPORT_INPUTS), json.dumps(inputs, indent=1))
+    index = _index(spec, datasets, jobs, states)
+    written.append(write_text_atomically(os.path.join(layout.report, 'report.md'), index))
+    write_json_atomically(os.path.join(layout.report, REPORT_INPUTS), inputs)
     return sorted(p for p in written if p.endswith('report.md')) + sorted(p for p in written if not p.endswith('.md'))
 
 
@@ -128,10 +130,3 @@ def _index(spec: StudySpec, datasets: List[str], jobs: List[Job], states: Dict[s
             lines.append(f"- {job.id}: {states[job.id]['state']}" + (f' ({error})' if error else ''))
     return '\n'.join(lines) + '\n'
 
-
-def _write_atomically(path: str, text: str) -> str:
-    temporary = f'{path}.{os.getpid()}.tmp'
-    with open(temporary, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(temporary, path)
-    return path

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from typing import List, Optional, Sequence
 
+from nnunet_ext.study.files import write_json_atomically
 from nnunet_ext.study.layout import StudyLayout
 from nnunet_ext.study.spec import StudySpec, load_spec
 
@@ -30,12 +31,7 @@ def write_default_splits(dataset: str, spec: StudySpec) -> Optional[str]:
     with open(plans_file(dataset, spec.plans), encoding='utf-8') as f:
         data = os.path.join(folder, json.load(f)['configurations'][spec.configurations[0]]['data_identifier'])
     identifiers = sorted(infer_dataset_class(data).get_identifiers(data))
-    splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix='.splits_final.', suffix='.json')
-    with os.fdopen(handle, 'w', encoding='utf-8') as f:
-        json.dump(splits, f, indent=4)
-    os.replace(temporary, path)
-    return path
+    return write_json_atomically(path, generate_crossval_split(identifiers, seed=12345, n_splits=5))
 
 
 def plan(spec: StudySpec, dataset: str) -> None:

@@ -40,11 +40,11 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from nnunet_ext.errors import UserInputError, positive_int
+from nnunet_ext.study.files import write_json_atomically
 from nnunet_ext.study.preemption import PREEMPTED_STATUS, Interrupted, SignalFlags, check_before
 
 RECORD_NAME = 'study_training.json'
@@ -110,26 +110,6 @@ def read_training_record(fold_folder: str) -> Optional[dict]:
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def write_json_atomically(path: str, document: dict) -> None:
-    """``path`` replaced in one step (temporary file in the same folder + ``os.replace``)."""
-    folder = os.path.dirname(path) or '.'
-    descriptor, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # as open() would create it (mkstemp: 0600)
-        with os.fdopen(descriptor, 'w', encoding='utf-8') as f:
-            json.dump(document, f, indent=2, allow_nan=False)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def next_action(fold_folder: str) -> Tuple[str, Optional[str]]:

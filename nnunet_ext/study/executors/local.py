@@ -15,6 +15,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from nnunet_ext.study.executors.base import Executor, carried_environment
+from nnunet_ext.study.files import write_text_atomically
 from nnunet_ext.study.graph import Job
 from nnunet_ext.study.state import PREEMPTED_STATUS, RUNNING
 
@@ -25,13 +26,6 @@ POLL_SECONDS = 0.5
 def _header(spec_name: str, job: Job, how: str) -> str:
     now = datetime.datetime.now().isoformat(timespec='seconds')
     return f'=== study {spec_name} job {job.id} ({how}) on {socket.gethostname()} at {now} ===\n'
-
-
-def write_exit_status(path: str, status: int) -> None:
-    temporary = f'{path}.{os.getpid()}'
-    with open(temporary, 'w', encoding='utf-8') as f:
-        f.write(f'{status}\n')
-    os.replace(temporary, path)
 
 
 class LocalExecutor(Executor):
@@ -60,7 +54,7 @@ class LocalExecutor(Executor):
 
     def _ended(self, job: Job, status: int, log) -> None:
         log.close()
-        write_exit_status(self.layout.exit_file(job.id), status)
+        write_text_atomically(self.layout.exit_file(job.id), f'{status}\n')
         with contextlib.suppress(FileNotFoundError):
             os.remove(self._running_file(job))
 

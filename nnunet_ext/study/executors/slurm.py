@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.study.executors.base import Executor, carried_environment
+from nnunet_ext.study.files import write_json_atomically
 from nnunet_ext.study.graph import REPORT, TRAIN, Job
 from nnunet_ext.study.state import PENDING, PREEMPTED_STATUS, RUNNING
 
@@ -173,11 +174,7 @@ class SlurmExecutor(Executor):
         return os.path.join(self.layout.slurm, SUBMITTED)
 
     def _record(self, records: List[dict]) -> None:
-        previous = self._submissions()
-        temporary = self._submitted_file() + f'.{os.getpid()}'
-        with open(temporary, 'w', encoding='utf-8') as f:
-            json.dump(previous + records, f, indent=1)
-        os.replace(temporary, self._submitted_file())
+        write_json_atomically(self._submitted_file(), self._submissions() + records)
 
     def _submissions(self) -> List[dict]:
         try:
