@@ -3,6 +3,7 @@ SLURM script's options from the spec, the carried environment, and the forwardin
 for real: the script's tail with a stand-in job)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -124,3 +125,15 @@ def test_slurm_script_passes_signals_on_and_records_the_jobs_status(tmp_path, si
 
 def test_slurm_script_exit_status_of_a_failing_job(tmp_path):
     assert run_tail(tmp_path, 'import sys; sys.exit(4)') == (4, 4)
+
+
+def test_local_cpu_jobs_get_disjoint_cores(tmp_path, monkeypatch):
+    from nnunet_ext.study.executors.local import LocalExecutor
+    monkeypatch.setattr('os.sched_getaffinity', lambda pid: {0, 1, 2, 3})
+    spec = spec_file(tmp_path, '[executor]\njobs = 2\n')
+    cpu = dataclasses.replace(load_spec(spec), device='cpu')
+    executor = LocalExecutor(cpu)
+    assert [executor._cores(slot) for slot in (0, 1)] == [[0, 2], [1, 3]]
+    three = LocalExecutor(dataclasses.replace(cpu, jobs=5))
+    assert [three._cores(slot) for slot in range(5)] == [[0], [1], [2], [3], [0]]  # more slots than cores: shared
+    assert LocalExecutor(load_spec(spec))._cores(0) is None  # cuda: the GPU is the slot's resource

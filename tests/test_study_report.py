@@ -125,16 +125,6 @@ def test_differing_cases_and_the_slice_of_most_disagreement():
     assert report._slice([first], reference) == 3  # one prediction: against the reference (slices 1 and 3)
 
 
-def test_bench_ab_real_uses_these_functions():
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
-    import ab_real
-    assert ab_real.seed_statistics is statistics.seed_statistics
-    assert ab_real.paired_statistics is statistics.paired_statistics
-    assert ab_real.timing_statistics is statistics.timing_statistics
-    assert ab_real.dice_table is report.dice_table and ab_real.plot_pseudo_dice is report.plot_pseudo_dice
-
-
 # ------------------------------------------------------------------------------------------ full report
 
 def _dice(rng, low, high, empty=False):

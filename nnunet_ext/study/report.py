@@ -1,5 +1,5 @@
 """The report of ``nnunet-ext study`` (``report.md``, ``report.html`` and two PNGs per configuration), and
-the tables and pseudo-Dice plot it shares with ``bench/ab_real.py``.
+its tables and pseudo-Dice plot (``bench/ab_real.py`` is a thin wrapper over the study).
 
 ``write_report(results, folder)`` takes the study's ``results`` (built by the collector from disk):
 

@@ -51,7 +51,7 @@ class SlurmSettings:
 
 @dataclass(frozen=True)
 class SplitSettings:
-    """The study's own split (``[split]``; as ``bench/ab_real.py`` does): one fold 0 of ``train``/``val`` cases
+    """The study's own split (``[split]``; what ``bench/ab_real.py`` uses): one fold 0 of ``train``/``val`` cases
     and a test set of ``labelsTs`` or of held-out ``imagesTr`` cases (``nnunet_ext.study.split``)."""
     test: str = 'auto'                 # auto (labelsTs if there are any, else holdout), labelsTs, holdout
     holdout: Optional[int] = None      # held-out test cases (default 20 %, >= 2)

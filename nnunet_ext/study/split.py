@@ -1,4 +1,5 @@
-"""The test set of a study, and its own split when the spec has ``[split]`` (as ``bench/ab_real.py``).
+"""The test set of a study, and its own split when the spec has ``[split]`` (what ``bench/ab_real.py``
+uses).
 
 Without ``[split]``: nnU-Net's folds of ``splits_final.json``; the test set is ``imagesTs`` with ``labelsTs``.
 

@@ -1,4 +1,4 @@
-"""The statistics of a study report (and of ``bench/ab_real.py``): Dice over cases and seeds, the paired
+"""The statistics of a study report: Dice over cases and seeds, the paired
 test against the baseline, seconds per iteration.
 
 Dice values are ``runs[run][case][class]`` with NaN where the Dice is undefined (prediction and reference

@@ -6,7 +6,7 @@
 ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` come from the environment (a study points
 ``nnUNet_results`` at a per-seed folder). The trainer is built as ``nnUNetv2_train`` builds it
 (``get_trainer_from_args``), the seed applied to ``random``, ``numpy``, ``torch`` and to nnU-Net's
-augmentation workers (as ``bench/ab_real.py``), the training length set on the trainer instance before the
+augmentation workers (``docs/commands/study.md``, "Seeds"), the training length set on the trainer instance before the
 learning-rate schedule is built (the same for nnU-Net's trainers and ours).
 
 What one run does, from the files in the fold folder:
@@ -166,7 +166,7 @@ def settings_in_force(job: TrainingJob, attempts: List[dict], continuing: bool, 
 # ------------------------------------------------------------------------------------- nnU-Net set-up
 
 def seed_everything(seed: Optional[int]) -> None:
-    """``random``, ``numpy``, ``torch`` and nnU-Net's augmentation workers (if any), as ``bench/ab_real.py``."""
+    """``random``, ``numpy``, ``torch`` and nnU-Net's augmentation workers (if any)."""
     if seed is None:
         return
     import random
@@ -183,7 +183,7 @@ def seed_everything(seed: Optional[int]) -> None:
 
 def seed_augmentation_workers(seed: int) -> None:
     """nnU-Net starts its augmentation workers with ``seeds=None`` (OS entropy): give them seeds derived
-    from the run's seed instead (this process only; the same as ``bench/ab_real.py``)."""
+    from the run's seed instead (this process only)."""
     import itertools
 
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as module
@@ -316,7 +316,7 @@ class Attempt:
         self._wrap_hooks()
 
     def _wrap_hooks(self) -> None:
-        """Instance-level wrappers of nnU-Net's ``train_step`` (timed as ``bench/ab_real.py``; signals
+        """Instance-level wrappers of nnU-Net's ``train_step`` (timed; signals
         checked before and after), ``validation_step`` and ``on_epoch_end`` (signals checked), and
         ``save_checkpoint`` (written to a temporary name, then renamed)."""
         trainer = self.trainer

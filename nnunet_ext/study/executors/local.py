@@ -39,6 +39,15 @@ class LocalExecutor(Executor):
             env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # concurrent CPU trainings: no spinning threads
         return env
 
+    def _cores(self, slot: int) -> Optional[List[int]]:
+        """On a CPU with several job slots, the cores of ``slot``: this process's cores dealt out to the slots,
+        so that concurrent trainings do not oversubscribe them (each uses one thread per core it may run on,
+        as within a SLURM allocation). None: no pinning."""
+        if self.spec.device != 'cpu' or self.spec.jobs < 2 or not hasattr(os, 'sched_setaffinity'):
+            return None
+        cores = sorted(os.sched_getaffinity(0))
+        return cores[slot::self.spec.jobs] or [cores[slot % len(cores)]]
+
     def _running_file(self, job: Job) -> str:
         return os.path.join(self.layout.state, f'{job.id}.running')
 
@@ -46,8 +55,10 @@ class LocalExecutor(Executor):
         log = open(self.layout.log(job.id), 'a', encoding='utf-8')
         log.write(_header(self.spec.name, job, f'local, slot {slot}'))
         log.flush()
+        cores = self._cores(slot)
         process = subprocess.Popen(list(job.argv), env=self._environment(job, slot), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
         with open(self._running_file(job), 'w', encoding='utf-8') as f:
             f.write(f'{process.pid} {socket.gethostname()}\n')
         return process, log
