@@ -23,6 +23,17 @@ import ab_real  # noqa: E402
 DEMO = 'Dataset978_ABRealPhantom'
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """``ab_real.main`` sets nnU-Net's variables in this process (``nnUNet_n_proc_DA=0`` on a CPU, the data
+    folders): put the environment back as it was, so that later tests of this worker do not inherit them
+    (nnU-Net's planner fails with ``nnUNet_n_proc_DA=0``)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.parametrize('options, message', [
     (['--demo', '--dataset', '5', '-tr', 'A'], 'exactly one of --dataset and --demo'),
     (['-tr', 'A'], 'exactly one of --dataset and --demo'),
@@ -150,9 +161,8 @@ def _raw_dataset(root, dataset_id, n_train, test_labels):
     (['--dataset', '904'], '--dataset: Could not find a dataset with the ID 904'),
 ])
 def test_data_errors_exit_2_before_any_job(options, message, tmp_path, monkeypatch, capsys):
-    for variable in {v for v in os.environ if v.startswith('nnUNet')} | {'nnUNet_results', 'nnUNet_extTrainer',
-                                                                          'nnUNet_n_proc_DA', 'OMP_WAIT_POLICY'}:
-        monkeypatch.delenv(variable, raising=False)  # restored after the test, whatever main sets
+    for variable in {v for v in os.environ if v.startswith('nnUNet')} | {'OMP_WAIT_POLICY'}:
+        monkeypatch.delenv(variable, raising=False)  # the fixture above restores the environment
     _raw_dataset(tmp_path, 901, 10, test_labels=False)
     _raw_dataset(tmp_path, 902, 3, test_labels=False)
     _raw_dataset(tmp_path, 903, 10, test_labels=True)
