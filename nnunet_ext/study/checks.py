@@ -10,7 +10,7 @@ import re
 from typing import List, Set
 
 from nnunet_ext.errors import UserInputError, name_some
-from nnunet_ext.study.graph import plans_file
+from nnunet_ext.study.graph import planned_configurations
 from nnunet_ext.study.spec import StudySpec
 
 _CLASS = re.compile(r'^\s*class\s+(\w+)\s*[(:]', re.M)
@@ -55,10 +55,9 @@ def _splits_count(dataset: str) -> int:
 def check_data(spec: StudySpec, datasets: List[str]) -> None:
     """Configurations, folds and test labels of each dataset."""
     for dataset in datasets:
-        path = plans_file(dataset, spec.plans)
-        if os.path.isfile(path):
-            with open(path, encoding='utf-8') as f:
-                planned = sorted(json.load(f).get('configurations', {}))
+        configurations = planned_configurations(dataset, spec.plans)
+        if configurations is not None:
+            planned = sorted(configurations)
             missing = [c for c in spec.configurations if c not in planned]
             if missing:
                 raise UserInputError(f"study spec: data.configurations: {', '.join(missing)} not in {spec.plans} of "

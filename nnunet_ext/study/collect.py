@@ -17,11 +17,6 @@ from nnunet_ext.study.spec import StudySpec
 from nnunet_ext.study.state import DONE, REPORT_INPUTS, done_results, job_states, jobs_done
 
 
-def _dataset_json(dataset: str) -> dict:
-    with open(os.path.join(os.environ['nnUNet_raw'], dataset, 'dataset.json'), encoding='utf-8') as f:
-        return json.load(f)
-
-
 def scored_classes(dataset_json: dict) -> Dict[str, str]:
     """``{key in nnU-Net's summary.json: class name}`` of the labels (or regions) nnU-Net scores: every
     label but background and the ignore label, as nnU-Net's ``evaluate_folder`` keys them."""
@@ -83,8 +78,8 @@ def _test(job: Job, state: dict) -> dict:
 
 def collect(spec: StudySpec, dataset: str, jobs: List[Job], states: Dict[str, dict]) -> dict:
     """The ``results`` dict of one dataset."""
-    from nnunet_ext.study.split import test_set
-    dataset_json = _dataset_json(dataset)
+    from nnunet_ext.study.split import raw_dataset_json, test_set
+    dataset_json = raw_dataset_json(dataset)
     mine = [j for j in jobs if j.info.get('dataset') == dataset]
     test_images, test_labels = test_set(spec, dataset) if spec.predict_test else ({}, None)
     return dict(name=spec.name, dataset=dataset, baseline=spec.baseline,

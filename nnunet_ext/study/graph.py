@@ -54,16 +54,28 @@ def plans_file(dataset: str, plans: str) -> str:
     return os.path.join(os.environ['nnUNet_preprocessed'], dataset, f'{plans}.json')
 
 
+def planned_configurations(dataset: str, plans: str) -> Optional[Dict[str, dict]]:
+    """The ``configurations`` of the plans file, or None when there is no plans file."""
+    import json
+    path = plans_file(dataset, plans)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding='utf-8') as f:
+        return json.load(f).get('configurations', {})
+
+
+def data_folder(dataset: str, plans: str, configuration: dict) -> str:
+    """A planned configuration's preprocessed data folder."""
+    return os.path.join(os.path.dirname(plans_file(dataset, plans)), configuration['data_identifier'])
+
+
 def preprocessed(dataset: str, spec: StudySpec) -> bool:
     """The plans file and the preprocessed data of each configuration are there."""
-    import json
-    path = plans_file(dataset, spec.plans)
-    if not os.path.isfile(path):
+    configurations = planned_configurations(dataset, spec.plans)
+    if configurations is None:
         return False
-    with open(path, encoding='utf-8') as f:
-        configurations = json.load(f).get('configurations', {})
-    return all(os.path.isdir(os.path.join(os.path.dirname(path), configurations.get(c, {}).get('data_identifier', '')))
-               and 'data_identifier' in configurations.get(c, {}) for c in spec.configurations)
+    return all('data_identifier' in configurations.get(c, {}) and
+               os.path.isdir(data_folder(dataset, spec.plans, configurations[c])) for c in spec.configurations)
 
 
 def needs_planning(dataset: str, spec: StudySpec) -> bool:
@@ -128,6 +140,3 @@ def build_graph(spec: StudySpec, datasets: Optional[List[str]] = None) -> List[J
                     f'report: {os.path.join(layout.report, "report.md")}', needs=others, after_any=True))
     return jobs
 
-
-def by_id(jobs: List[Job]) -> Dict[str, Job]:
-    return {job.id: job for job in jobs}

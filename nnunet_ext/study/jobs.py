@@ -3,7 +3,6 @@ each SLURM task or local subprocess runs. Trainings run ``python -m nnunet_ext.s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -23,13 +22,13 @@ def write_default_splits(dataset: str, spec: StudySpec) -> Optional[str]:
     instead of racing to write it. Returns the path written, or None."""
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.crossval_split import generate_crossval_split
-    from nnunet_ext.study.graph import plans_file
+    from nnunet_ext.study.graph import data_folder, planned_configurations
     folder = os.path.join(os.environ['nnUNet_preprocessed'], dataset)
     path = os.path.join(folder, 'splits_final.json')
     if os.path.isfile(path):
         return None
-    with open(plans_file(dataset, spec.plans), encoding='utf-8') as f:
-        data = os.path.join(folder, json.load(f)['configurations'][spec.configurations[0]]['data_identifier'])
+    first = spec.configurations[0]
+    data = data_folder(dataset, spec.plans, planned_configurations(dataset, spec.plans)[first])
     identifiers = sorted(infer_dataset_class(data).get_identifiers(data))
     return write_json_atomically(path, generate_crossval_split(identifiers, seed=12345, n_splits=5))
 

@@ -67,7 +67,8 @@ def split_cases(training_cases: Sequence[str], labelled_test_cases: Optional[Seq
     return {'train': sorted(train), 'val': sorted(val) if n_val else sorted(train), 'test': sorted(test)}
 
 
-def _dataset_json(dataset: str) -> dict:
+def raw_dataset_json(dataset: str) -> dict:
+    """``nnUNet_raw/DATASET/dataset.json``."""
     with open(os.path.join(os.environ['nnUNet_raw'], dataset, 'dataset.json'), encoding='utf-8') as f:
         return json.load(f)
 
@@ -83,7 +84,7 @@ def _cases(folder: str, ending: str, channels: int) -> Dict[str, List[str]]:
 
 def labels_ts_cases(dataset: str) -> Dict[str, List[str]]:
     """``{case: [image files]}`` of ``imagesTs`` with a label in ``labelsTs``."""
-    dataset_json = _dataset_json(dataset)
+    dataset_json = raw_dataset_json(dataset)
     ending, raw = dataset_json['file_ending'], os.path.join(os.environ['nnUNet_raw'], dataset)
     images = _cases(os.path.join(raw, 'imagesTs'), ending, len(dataset_json['channel_names']))
     return {case: files for case, files in images.items()
@@ -110,7 +111,7 @@ def read_split(spec: StudySpec, dataset: str) -> Optional[dict]:
 def make_split(spec: StudySpec, dataset: str) -> dict:
     """The private preprocessed dataset folder with the study's split (all or nothing); returns the split."""
     raw = os.path.join(os.environ['nnUNet_raw'], dataset)
-    dataset_json = _dataset_json(dataset)
+    dataset_json = raw_dataset_json(dataset)
     training = _cases(os.path.join(raw, 'imagesTr'), dataset_json['file_ending'], len(dataset_json['channel_names']))
     settings = spec.split
     labelled = sorted(labels_ts_cases(dataset)) if uses_labels_ts(spec, dataset) else None
@@ -153,7 +154,7 @@ def test_set(spec: StudySpec, dataset: str) -> Tuple[Dict[str, List[str]], Optio
     split = read_split(spec, dataset)
     if split is None:
         return {}, None
-    dataset_json = _dataset_json(dataset)
+    dataset_json = raw_dataset_json(dataset)
     raw, ending = os.path.join(os.environ['nnUNet_raw'], dataset), dataset_json['file_ending']
     training = _cases(os.path.join(raw, 'imagesTr'), ending, len(dataset_json['channel_names']))
     return {case: training[case] for case in split['test']}, os.path.join(private_dataset(spec, dataset), TEST_LABELS)
