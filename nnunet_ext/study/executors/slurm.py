@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.study.executors.base import Executor, carried_environment
+from nnunet_ext.parallel import signals_deferred
 from nnunet_ext.study.files import write_json_atomically
 from nnunet_ext.study.graph import REPORT, TRAIN, Job
 from nnunet_ext.study.state import PENDING, PREEMPTED_STATUS, RUNNING
@@ -131,7 +132,6 @@ class SlurmExecutor(Executor):
         variables: Dict[str, str] = {}   # group -> its shell variable in submit.sh
         chain = ['#!/bin/bash', f'# submits study {self.spec.name} (what `nnunet-ext study run` did)', 'set -eu',
                  f'cd {_q(self.layout.slurm)}']
-        records = []
         for name, group in self._groups(todo).items():
             needs = {n for job in group for n in job.needs}
             now = sorted({group_of[n] for n in needs if n in group_of})
@@ -149,18 +149,17 @@ class SlurmExecutor(Executor):
             if dry_run:
                 print(f'wrote {path} ({len(group)} job(s))')
                 continue
-            job_id = self._sbatch(path)
+            with signals_deferred():  # a job SLURM accepted is recorded, even when the command is interrupted
+                job_id = self._sbatch(path)
+                self._record([dict(group=name, array_job_id=job_id, jobs=[j.id for j in group], script=path,
+                                   submitted=datetime.datetime.now().isoformat(timespec='seconds'))])
             submitted[name] = job_id
-            records.append(dict(group=name, array_job_id=job_id, jobs=[j.id for j in group], script=path,
-                                submitted=datetime.datetime.now().isoformat(timespec='seconds')))
             print(f'submitted {name}: SLURM job {job_id} ({len(group)} task(s)'
                   f'{", " + dependency if dependency else ""})', flush=True)
         with open(os.path.join(self.layout.slurm, 'submit.sh'), 'w', encoding='utf-8') as f:
             f.write('\n'.join(chain) + '\n')
         if dry_run:
             print(f'dry run: nothing submitted; {os.path.join(self.layout.slurm, "submit.sh")} submits the scripts')
-            return 0
-        self._record(records)
         return 0
 
     @staticmethod
