@@ -145,6 +145,24 @@ def test_output_is_raw_then_selected_channels_with_gradients_to_values_only():
     assert torch.equal(x.grad, expected)
 
 
+class _GivenScores(torch.nn.Module):
+    """Scores fixed by the test (the features are ignored)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = scores
+
+    def forward(self, x):
+        return self.scores
+
+
+def test_selection_orders_by_decreasing_score_and_ties_by_channel_index():
+    scores = torch.tensor([[1., 2., 2., 0., 2., 3.], [0., 0., 0., 0., 0., 0.], [5., 4., 3., 2., 1., 0.]])
+    ife = InstructiveFeatureEnhancement(_GivenScores(scores), 0.5)
+    # by hand: the highest first, equal scores in channel order (what ONNX's TopK does, and a stable sort)
+    assert ife.selection(torch.zeros(3, 6, 4, 4)).tolist() == [[5, 1, 2], [0, 1, 2], [0, 1, 2]]
+
+
 def test_channel_counts():
     ife = InstructiveFeatureEnhancement(EntropyScore(), 0.5, channels=128)
     assert ife.out_channels == 192

@@ -116,12 +116,14 @@ class CurvatureScore(nn.Module):
             thin = [1 if s < 3 else 0 for s in x.shape[2:]]
             if any(thin):  # F.pad lists the last axis first
                 x = F.pad(x, [p for t in reversed(thin) for p in (t, t)], mode='replicate')
-            C = x.shape[1]
+            B, C = x.shape[:2]
             kernel = self.kernel_2d if ndim == 2 else self.kernel_3d
-            # a no-op when the module lives where x does (K's entries are exact in any float dtype)
-            kernel = kernel.to(device=x.device, dtype=x.dtype).expand(C, 1, *([3] * ndim))
+            # a no-op when the module lives where x does (K's entries are exact in any float dtype); one
+            # single-channel kernel over the (sample, channel) maps: its shape is a constant (ONNX export)
+            kernel = kernel.to(device=x.device, dtype=x.dtype).view(1, 1, *([3] * ndim))
             conv = F.conv2d if ndim == 2 else F.conv3d
-            return conv(x, kernel, groups=C).abs().flatten(2).sum(2)
+            maps = conv(x.reshape(B * C, 1, *x.shape[2:]), kernel)
+            return maps.abs().reshape(B, C, -1).sum(2)
 
 
 class EntropyScore(nn.Module):
@@ -132,8 +134,8 @@ class EntropyScore(nn.Module):
     ``Z = prod(s + 2)`` (Algorithm 1's padded size), Eq. 2 is
     ``E = -sum n/Z log2(n/Z) = (N log2 Z - sum_cells n log2 n) / Z``. The counts come from static
     shapes only: each channel's keys ``i * 256 + j`` are sorted; in the sorted row a cell is a run of
-    equal keys, and at the last element of a run its count is ``position - run start + 1`` (run start:
-    the cumulative maximum of the positions where a new key begins).
+    equal keys, numbered by the cumulative sum of the places where the key changes, and a scatter-add of
+    ones per number counts each run (standard ONNX operators: ``CumSum``, ``ScatterElements``).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,12 +161,11 @@ class EntropyScore(nn.Module):
             keys = (level(centre) * ENTROPY_LEVELS + level(neighbours)).view(B, C, total)
             keys = keys.sort(dim=-1).values
             differs = keys[..., 1:] != keys[..., :-1]  # (B, C, N - 1): a new cell begins at p + 1
-            edge = torch.ones_like(keys[..., :1], dtype=torch.bool)
-            run_end = torch.cat((differs, edge), -1)
-            position = torch.arange(total, dtype=torch.int32, device=x.device)
-            run_start = torch.where(torch.cat((edge, differs), -1), position, 0).cummax(-1).values
-            counts = (position - run_start + 1).to(torch.float32)
-            n_log_n = torch.where(run_end, counts * counts.log2(), 0.0).sum(-1)
+            # each value's cell number in its sorted row (0, 1, ...), then the values per cell number
+            cell = torch.cat((torch.zeros_like(keys[..., :1], dtype=torch.int64), differs.long().cumsum(-1)), -1)
+            counts = torch.zeros(B, C, total, dtype=torch.float32, device=x.device)
+            counts = counts.scatter_add(-1, cell, torch.ones_like(counts))
+            n_log_n = (counts * counts.clamp_min(1).log2()).sum(-1)  # empty cell numbers add 0
             # -sum (n/Z) log2(n/Z) = (total * log2 Z - sum n log2 n) / Z
             return (total * math.log2(padded) - n_log_n) / padded
 
@@ -199,12 +200,22 @@ class InstructiveFeatureEnhancement(nn.Module):
         return self.channels + self.selected_channels(self.channels)
 
     def selection(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices (B, k) of the selected channels of each sample, by decreasing score."""
-        k = self.selected_channels(x.shape[1])
+        """Indices (B, k) of the selected channels of each sample, by decreasing score, equal scores by
+        increasing channel index (a stable sort: ``topk`` leaves the order of ties open, and channels of
+        small deep maps often tie, so the network would depend on the device; ONNX's ``TopK`` and a
+        stable sort agree). The order comes from pairwise comparisons, ``C^2`` per sample, in standard
+        ONNX operators (the exporter has no stable sort)."""
+        C = x.shape[1]
+        k = self.selected_channels(C)
         scores = self.score(x)
         if scores.shape != x.shape[:2]:
             raise ValueError(f"score returned shape {tuple(scores.shape)}, expected {tuple(x.shape[:2])}")
-        return scores.topk(k, dim=1).indices
+        channel = torch.arange(C, device=x.device)
+        mine, other = scores.unsqueeze(2), scores.unsqueeze(1)  # (B, C, 1), (B, 1, C)
+        ahead = (other > mine) | ((other == mine) & (channel.view(1, 1, C) < channel.view(1, C, 1)))
+        rank = ahead.sum(2)  # (B, C): how many channels come before each channel
+        at_rank = rank.unsqueeze(1) == torch.arange(k, device=x.device).view(1, k, 1)  # (B, k, C)
+        return (at_rank.long() * channel.view(1, 1, C)).sum(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels is not None and x.shape[1] != self.channels:
