@@ -12,6 +12,9 @@
     nnunet-ext convert SOURCE IN --id N  a dataset (lits, ircadb, nih-pancreas, msd, chaos, folder2d) -> nnUNet_raw
     nnunet-ext stack-slices ID --id N    2.5D: a copy of a raw dataset with each slice's neighbours as channels
     nnunet-ext preprocess-images IN OUT  a dataset's CT window / histogram equalisation / slice stacking on new images
+    nnunet-ext study init|plan|run|status|report   trainers x configurations x folds x seeds, locally or on SLURM
+    nnunet-ext export MODEL_DIR -o OUT    ONNX files (one per fold) + model.json
+    nnunet-ext deploy-predict OUT -i IN -o PRED   predict like nnUNetv2_predict with ONNX Runtime, without PyTorch
 """
 from __future__ import annotations
 
@@ -260,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parsers(sub)
     from nnunet_ext.study.commands import add_parser as add_study_parser
     add_study_parser(sub)
+    from nnunet_ext.export.commands import add_parser as add_export_parser
+    add_export_parser(sub)
+    from nnunet_ext.deploy.commands import add_parser as add_deploy_parser
+    add_deploy_parser(sub)
     return parser
 
 
@@ -280,7 +287,7 @@ class Interrupted(KeyboardInterrupt):
 
 #: commands that write all-or-nothing: an interrupt leaves no partial output of theirs behind
 _ALL_OR_NOTHING = {'convert', 'stack-slices', 'preprocess-images', 'evaluate', 'compare', 'fuse-views', 'prune',
-                   'cascade-predict'}
+                   'cascade-predict', 'export', 'deploy-predict'}
 
 
 def _interrupt_in_flight() -> bool:

@@ -16,7 +16,6 @@ Predict with ``nnUNetv2_predict_from_modelfolder -m OUT ...``, or name ``OUT``
 from __future__ import annotations
 
 import copy
-import glob
 import os
 import shutil
 import tempfile
@@ -25,44 +24,13 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from nnunet_ext.errors import UserInputError
-
-
-def _trainer_class(name: str):
-    from nnunet_ext.registry import trainer_classes
-    ours = trainer_classes()
-    if name in ours:
-        return ours[name]
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    return recursive_find_trainer_class_by_name(name)
-
-
-def _fold_checkpoints(model_folder: str, folds: Optional[Sequence[str]], checkpoint_name: str) -> List[str]:
-    if folds is None:
-        found = sorted(glob.glob(os.path.join(model_folder, 'fold_*', checkpoint_name)))
-        if not found:
-            raise UserInputError(f"{model_folder}: no fold_*/{checkpoint_name}; is this a trained nnU-Net model "
-                                 f"folder (TRAINER__PLANS__CONFIG)?")
-        return found
-    paths = [os.path.join(model_folder, f'fold_{f}', checkpoint_name) for f in folds]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise UserInputError(f"missing checkpoints: {', '.join(missing)}")
-    return paths
+from nnunet_ext.model_folders import fold_checkpoints, network_for_checkpoint, read_plans_and_dataset
 
 
 def _nested_network(plans: dict, dataset_json: dict, checkpoint: dict):
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunet_ext.architectures.anunet import ANUNet
 
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(checkpoint['init_args']['configuration'])
-    trainer_class = _trainer_class(checkpoint['trainer_name'])
-    num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                       num_heads, enable_deep_supervision=False)
+    network = network_for_checkpoint(plans, dataset_json, checkpoint)
     if not isinstance(network, ANUNet):
         raise UserInputError(f"{checkpoint['trainer_name']} builds a {type(network).__name__}, not a nested U-Net "
                              f"(ANU-Net / UNet++): nothing to prune")
@@ -86,20 +54,16 @@ def prune_model_folder(model_folder: str, level: int, output_folder: str, folds:
                        log: Callable[[str], None] = print) -> List[str]:
     """Writes the pruned model folder; returns the checkpoints written. All or nothing: the folder is
     assembled next to ``output_folder`` and moved into place at the end."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from batchgenerators.utilities.file_and_folder_operations import save_json
 
     model_folder = os.path.abspath(model_folder)
     output_folder = os.path.abspath(output_folder)
-    for name in ('plans.json', 'dataset.json'):
-        if not os.path.isfile(os.path.join(model_folder, name)):
-            raise UserInputError(f"{model_folder} has no {name}: not an nnU-Net model folder (TRAINER__PLANS__CONFIG)")
+    plans, dataset_json = read_plans_and_dataset(model_folder)
     if os.path.exists(output_folder):
         raise UserInputError(f"{output_folder} exists; choose a new output folder")
     if output_folder == model_folder or output_folder.startswith(model_folder + os.sep):
         raise UserInputError("the output folder must lie outside the model folder")
-    checkpoints = _fold_checkpoints(model_folder, folds, checkpoint_name)
-    plans, dataset_json = load_json(os.path.join(model_folder, 'plans.json')), load_json(
-        os.path.join(model_folder, 'dataset.json'))
+    checkpoints = fold_checkpoints(model_folder, folds, checkpoint_name)
 
     parent = os.path.dirname(output_folder)
     os.makedirs(parent, exist_ok=True)

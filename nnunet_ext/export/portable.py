@@ -1,0 +1,42 @@
+"""A trained network made exportable with standard ONNX operators, without changing its weights or values.
+
+Every module of our networks but one traces into standard operators as it is. The exception is LFAM
+(``LateralFeatureAlignment``): its forward is a custom operator (``nnunet_ext::lateral_alignment``, one
+opaque node for ``torch.compile`` and a memory-lean backward), which an ONNX runtime without our library
+could not run. While exporting, each LFAM instance's ``forward`` is its standard-operator form
+(``nnunet_ext.nn.deformable_conv.portable``: one ``GridSample`` per kernel position). ``GridSample`` on 5-D
+input (3D networks) needs ONNX opset 20; everything else runs from opset 17.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+
+from nnunet_ext.nn.deformable_conv.portable import lateral_alignment_portable
+from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment
+
+# ONNX Runtime 1.14 and TensorRT 8.6 run opset 17; GridSample on 5-D input exists from opset 20
+DEFAULT_OPSET = 17
+VOLUMETRIC_GRID_SAMPLE_OPSET = 20
+
+
+def required_opset(network: torch.nn.Module) -> int:
+    """The lowest opset that holds every operator of ``network``'s standard-operator form."""
+    volumetric = any(isinstance(m, LateralFeatureAlignment) and m.deform.ndim == 3 for m in network.modules())
+    return VOLUMETRIC_GRID_SAMPLE_OPSET if volumetric else DEFAULT_OPSET
+
+
+@contextlib.contextmanager
+def portable(network: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``network`` with every LFAM's forward in standard operators inside the block (restored after it)."""
+    swapped = [m for m in network.modules() if isinstance(m, LateralFeatureAlignment)]
+    for m in swapped:
+        m.forward = functools.partial(lateral_alignment_portable, m)
+    try:
+        yield network
+    finally:
+        for m in swapped:
+            del m.forward
