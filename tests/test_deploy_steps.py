@@ -22,9 +22,9 @@ from nnunet_ext.deploy import preprocessing as dp  # noqa: E402
 from nnunet_ext.deploy import resampling as dr  # noqa: E402
 from nnunet_ext.deploy import sliding_window as dsw  # noqa: E402
 from nnunet_ext.deploy.segmentation import Labels, convert_predicted_logits_to_segmentation_with_correct_shape  # noqa: E402
+from deploy_helpers import BLOCKED, BOOTSTRAP, torch_free_deploy  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = ('torch', 'nnunetv2', 'skimage', 'nibabel', 'batchgenerators')
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -405,29 +405,9 @@ def test_predict_folder_matches_nnunet(pipeline, tmp_path):
     assert not [n for n in os.listdir(tmp_path / 'out') if n.startswith('.tmp')]
 
 
-BOOTSTRAP = '''
-import sys
-BLOCKED = {blocked!r}
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-            raise ImportError('blocked in this test: ' + name)
-        return None
-sys.meta_path.insert(0, Block())
-import runpy
-sys.argv = ['nnunet_ext.deploy'] + sys.argv[1:]
-try:
-    runpy.run_module('nnunet_ext.deploy', run_name='__main__', alter_sys=True)
-finally:
-    loaded = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)
-    assert not loaded, loaded
-'''
-
-
 def run_blocked(*args):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY='PASSIVE')
-    return subprocess.run([sys.executable, '-c', BOOTSTRAP.format(blocked=BLOCKED), *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
+    return subprocess.run(torch_free_deploy(*args), capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
 def test_module_runs_without_torch_and_nnunet(pipeline, tmp_path):

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from cli_helpers import run
+from deploy_helpers import assert_deploy_agrees, export_and_deploy_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +61,16 @@ def test_demo_runs_and_prints_the_dice_table(tmp_path):
     for entry in saved['results']:
         assert set(entry['dice']) == {'liver', 'tumour'}
         assert all(0.0 <= d <= 1.0 for d in entry['dice'].values())
+    # nnU-Net's own nnUNetTrainer exported, predicted without torch, against the demo's nnU-Net predictions
+    demo_env = {**env, **{k: str(tmp_path / 'demo' / k) for k in ('nnUNet_raw', 'nnUNet_preprocessed',
+                                                                   'nnUNet_results')}}
+    dataset = 'Dataset990_DemoPhantom'
+    for command in export_and_deploy_commands(
+            os.path.join(demo_env['nnUNet_results'], dataset, 'nnUNetTrainer__nnUNetPlans__2d'),
+            os.path.join(demo_env['nnUNet_raw'], dataset, 'imagesTs'), str(tmp_path / 'deploy'), fold='all'):
+        run(command, demo_env)
+    assert_deploy_agrees(str(tmp_path / 'deploy'), str(tmp_path / 'demo' / 'demo' / 'predictions' / 'nnUNetTrainer'),
+                         0.999)
 
 
 def test_a_new_demo_run_replaces_the_previous_demo_dataset(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ losses by ``test_anunet_godc_gpu_readiness.py``."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from cli_helpers import STOCK_PHANTOM_EXTRA_PLANS, SHORT_TRAINING, assert_label_maps_on_input_grids, run_parallel
+from deploy_helpers import assert_deploy_agrees, export_and_deploy_commands
 
 pytestmark = pytest.mark.cli
 
@@ -81,9 +83,20 @@ def pipelines(stock_phantoms, tmp_path_factory):
     refusals = [['nnunet-ext', 'prune', paper['model'], '--level', str(level), '-o', bad]
                 for level in (0, paper['levels'] + 1)]
     refusals.append(['nnunet-ext', 'prune', paper['model'], '--level', '1', '-o', paper['export']])
+    # the deploy predictor (docs/commands/export.md): the 2d model exported in full, the 3d one pruned to its level
+    deploys = []
+    for r in runs.values():
+        r['deployed'] = os.path.join(r['root'], 'deploy')
+        pruned = [] if r['configuration'] == '2d' else ['--prune-level', str(r['level'])]
+        images = os.path.join(env['nnUNet_raw'], r['dataset'], 'imagesTs')
+        export, deploy = export_and_deploy_commands(r['model'], images, r['deployed'], *pruned)
+        commands.append(export)
+        envs.append(env)
+        deploys.append(deploy)
     results = run_parallel([*refusals, *commands], env, envs=[env] * len(refusals) + envs, check=False)
     for command, result in zip(commands, results[len(refusals):]):
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-6000:]}"
+    run_parallel(deploys, env)
     paper['bad_export'], paper['refused'] = bad, results[:len(refusals)]
     return runs
 
@@ -167,3 +180,13 @@ def test_the_papers_network_is_trained_and_predicts(pipelines):
     assert any(k.endswith('running_mean') for k in weights)  # BatchNorm
     assert_label_maps_on_input_grids(os.path.join(run['env']['nnUNet_raw'], run['dataset'], 'imagesTs'),
                                      {PAPER: run['paper_out']})
+
+
+def test_exported_model_predicts_what_the_stock_predictor_predicts(pipeline):
+    """The torch-free deploy predictor: in 2d the full model against nnUNetv2_predict of the model folder, in 3d
+    the model exported pruned (``export --prune-level``) against nnUNetv2_predict of ``prune``'s model folder."""
+    reference = pipeline['out']['full' if pipeline['configuration'] == '2d' else 'exported']
+    assert_deploy_agrees(pipeline['deployed'], reference, 0.999)
+    with open(os.path.join(pipeline['deployed'], 'export', 'model.json'), encoding='utf-8') as f:
+        source = json.load(f)['source']
+    assert source.get('prune_level') == (None if pipeline['configuration'] == '2d' else pipeline['level'])

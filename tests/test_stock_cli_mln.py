@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_helpers import SHORT_TRAINING, STOCK_PHANTOMS, run_parallel
+from cli_helpers import SHORT_TRAINING, STOCK_PHANTOMS, run, run_parallel
+from deploy_helpers import assert_deploy_agrees, export_and_deploy_commands
 
 pytestmark = pytest.mark.cli
 
@@ -36,9 +37,13 @@ def mln_runs(stock_phantoms, tmp_path_factory):
             log = f.read()
         runs[c] = dict(log=log, results=results, images=os.path.join(env['nnUNet_raw'], datasets[c], 'imagesTs'),
                        predictions=os.path.join(root, f'predictions_{c}'))
-    run_parallel([['nnUNetv2_predict', '-i', runs[c]['images'], '-o', runs[c]['predictions'], '-d', str(i), '-c', c,
-                   '-tr', TRAINER, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0']
-                  for c, (i, _, _) in CASES.items()], env)
+    # the deploy predictor (docs/commands/export.md) on the 2d model: its export beside the stock predictions
+    deployed = runs['2d']['deployed'] = os.path.join(root, 'deploy_2d')
+    export, deploy = export_and_deploy_commands(os.path.dirname(runs['2d']['results']), runs['2d']['images'], deployed)
+    run_parallel([*(['nnUNetv2_predict', '-i', runs[c]['images'], '-o', runs[c]['predictions'], '-d', str(i), '-c', c,
+                     '-tr', TRAINER, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0']
+                    for c, (i, _, _) in CASES.items()), export], env)
+    run(deploy, env)
     return runs
 
 
@@ -72,3 +77,8 @@ def test_stock_predictor_writes_label_maps(mln_runs, configuration):
         array = sitk.GetArrayFromImage(sitk.ReadImage(prediction))
         assert array.shape == sitk.GetArrayFromImage(sitk.ReadImage(image)).shape
         assert set(np.unique(array)) <= {0, 1, 2}
+
+
+def test_exported_prediction_head_predicts_what_the_stock_predictor_predicts(mln_runs):
+    """The MLN exports the head nnU-Net's predictor uses; the torch-free deploy predictor matches it."""
+    assert_deploy_agrees(mln_runs['2d']['deployed'], mln_runs['2d']['predictions'], 0.999)

@@ -11,7 +11,9 @@ import os
 
 import pytest
 
-from cli_helpers import SHORT_TRAINING, assert_label_maps_on_input_grids, assert_preactivation_resunet_fold, run
+from cli_helpers import (SHORT_TRAINING, assert_label_maps_on_input_grids, assert_preactivation_resunet_fold, run,
+                         run_parallel)
+from deploy_helpers import assert_deploy_agrees, export_and_deploy_commands
 
 pytestmark = pytest.mark.cli
 
@@ -28,11 +30,13 @@ def pipeline(stock_phantoms, tmp_path_factory):
               {**env, **SHORT_TRAINING, 'nnUNet_n_proc_DA': '0'})
     images = os.path.join(env['nnUNet_raw'], phantom['dataset'], 'imagesTs')
     predictions = os.path.join(str(tmp_path_factory.mktemp('resunet')), 'predictions')
-    run(['nnUNetv2_predict', '-i', images, '-o', predictions, '-d', dataset_id, '-c', CONFIGURATION, '-tr', TRAINER,
-         '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'], env)
-    return dict(log=log, images=images, predictions=predictions,
-                fold=os.path.join(env['nnUNet_results'], phantom['dataset'],
-                                  f'{TRAINER}__nnUNetPlans__{CONFIGURATION}', 'fold_0'))
+    model = os.path.join(env['nnUNet_results'], phantom['dataset'], f'{TRAINER}__nnUNetPlans__{CONFIGURATION}')
+    deployed = os.path.join(os.path.dirname(predictions), 'deploy')
+    export, deploy = export_and_deploy_commands(model, images, deployed)
+    run_parallel([['nnUNetv2_predict', '-i', images, '-o', predictions, '-d', dataset_id, '-c', CONFIGURATION,
+                   '-tr', TRAINER, '-f', '0', '-device', 'cpu', '-npp', '0', '-nps', '0'], export], env)
+    run(deploy, env)
+    return dict(log=log, images=images, predictions=predictions, fold=os.path.join(model, 'fold_0'), deployed=deployed)
 
 
 def test_the_stock_trainer_trains_the_preactivation_resunet_with_its_alignments_and_the_short_schedule(pipeline):
@@ -42,3 +46,9 @@ def test_the_stock_trainer_trains_the_preactivation_resunet_with_its_alignments_
 
 def test_predictions_are_label_maps_on_the_input_grids(pipeline):
     assert_label_maps_on_input_grids(pipeline['images'], {TRAINER: pipeline['predictions']})
+
+
+def test_the_exported_model_predicts_what_the_stock_predictor_predicts(pipeline):
+    """The deploy predictor (torch-free) on the 3D residual U-Net with LFAM: GridSample on volumes, opset 20."""
+    report = assert_deploy_agrees(pipeline['deployed'], pipeline['predictions'], 0.999)
+    assert len(report) == 2

@@ -85,6 +85,18 @@ CASES = {
     'study init over an existing file': ['study', 'init', FILE, '-d', '987', '-tr', 'nnUNetTrainerGODC'],
     'study init into a missing folder': ['study', 'init', MISSING + '/s.toml', '-d', '987', '-tr', 'X'],
     'study init bad fold': ['study', 'init', OUT + '.toml', '-d', '987', '-tr', 'X', '-f', 'one'],
+    # export and deploy-predict
+    'export missing model': ['export', MISSING, '-o', OUT],
+    'export empty model folder': ['export', EMPTY, '-o', OUT],
+    'export file as model': ['export', FILE, '-o', OUT],
+    'export unknown dataset': ['export', '-d', '987', '-c', '2d', '-o', OUT],
+    'export bad opset': ['export', EMPTY, '-o', OUT, '--opset', '0'],
+    'export bad prune level': ['export', EMPTY, '-o', OUT, '--prune-level', 'x'],
+    'deploy missing export': ['deploy-predict', MISSING, '-i', EMPTY, '-o', OUT],
+    'deploy empty export folder': ['deploy-predict', EMPTY, '-i', EMPTY2, '-o', OUT],
+    'deploy model.json not JSON': ['deploy-predict', '{badjson}', '-i', EMPTY, '-o', OUT],
+    'deploy bad step size': ['deploy-predict', EMPTY, '-i', EMPTY2, '-o', OUT, '--step-size', '2'],
+    'deploy -threads 0': ['deploy-predict', EMPTY, '-i', EMPTY2, '-o', OUT, '--threads', '0'],
     # argparse's own refusals: usage and one error line, status 2
     'unknown subcommand': ['nosuchcommand'],
     'missing required option': ['convert', 'lits', EMPTY],
@@ -96,6 +108,7 @@ ENVIRONMENT_CASES = {  # the environment a user forgot to set
     'compare without nnUNet_results': (['compare', '987', '-c', '2d'], 'nnUNet_results'),
     'plan without nnUNet_preprocessed': (['plan', '987', '-pl', 'ExperimentPlanner'], 'nnUNet_preprocessed'),
     'study without nnUNet_raw': (['study', 'plan', '{spec}'], 'nnUNet_raw'),
+    'export without nnUNet_results': (['export', '-d', '987', '-c', '2d', '-o', OUT], 'nnUNet_results'),
 }
 
 
@@ -114,8 +127,10 @@ def places(tmp_path, monkeypatch):
         label[2:5, 2:5, 1:3] = 1
         nib.save(nib.Nifti1Image(label.astype(np.int16) * 100, np.eye(4)), str(lits / f'volume-{number}.nii.gz'))
         nib.save(nib.Nifti1Image(label, np.eye(4)), str(lits / f'segmentation-{number}.nii.gz'))
+    (tmp_path / 'badjson').mkdir()
+    (tmp_path / 'badjson' / 'model.json').write_text('{not json')
     (tmp_path / 's.toml').write_text('[data]\ndatasets = [987]\n[trainers]\ncompare = ["nnUNetTrainerGODC"]\n')
-    return {'spec': str(tmp_path / 's.toml'),
+    return {'spec': str(tmp_path / 's.toml'), 'badjson': str(tmp_path / 'badjson'),
             'lits': str(lits), 'missing': str(tmp_path / 'does_not_exist'), 'file': str(tmp_path / 'a_file.txt'),
             'empty': str(tmp_path / 'empty'), 'empty2': str(tmp_path / 'empty2'), 'out': str(tmp_path / 'out')}
 

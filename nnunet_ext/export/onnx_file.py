@@ -26,8 +26,12 @@ RELATIVE_TOLERANCE = 1e-4
 
 
 def _operator_of(error: Exception) -> str:
-    found = re.search(r"operator '?([\w:.]+)'?", str(error))
-    return found.group(1) if found else type(error).__name__
+    """The operator an exporter error names (``... unrecognized namespace nnunet_ext::x`` or ``operator 'aten::y'``)."""
+    for pattern in (r"namespace ([\w:.]+)", r"operator '([\w:.]+)'", r"operator ([\w:.]+::[\w.]+)"):
+        found = re.search(pattern, str(error))
+        if found:
+            return found.group(1).rstrip('.')
+    return type(error).__name__
 
 
 def _require(module: str) -> None:
@@ -42,7 +46,9 @@ def write_onnx(network: torch.nn.Module, path: str, input_shape: Sequence[int], 
     network.eval()
     example = torch.zeros(1, *input_shape)
     try:
-        with portable(network), torch.no_grad(), warnings.catch_warnings():
+        # not under no_grad: nn.MultiheadAttention (the MLN's point attention) then takes its fused fast path,
+        # which has no ONNX form; the traced graph is the same either way
+        with portable(network), warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the exporter's deprecation and tracer notes
             torch.onnx.export(network, (example,), path, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
