@@ -58,6 +58,7 @@ def _model_folder(env: Dict[str, str], dataset: str, configuration: str, trainer
     os.makedirs(os.path.join(folder, 'fold_0'), exist_ok=True)
     shutil.copy(os.path.join(preprocessed, 'nnUNetPlans.json'), os.path.join(folder, 'plans.json'))
     shutil.copy(os.path.join(preprocessed, 'dataset.json'), os.path.join(folder, 'dataset.json'))
+    plans['continue_training'] = False  # nnU-Net 2.8.1's trainer pops this key (nnUNetv2_train sets it)
     trainer = trainer_class(trainer_name)(plans, configuration, 0, dataset_json, torch.device('cpu'))
     network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager,
                                                  len(dataset_json['channel_names']),

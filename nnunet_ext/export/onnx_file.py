@@ -9,6 +9,7 @@ tens, and supports everything our networks need from opset 17.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -40,15 +41,25 @@ def _require(module: str) -> None:
         raise UserInputError(f"export needs the Python package {module}: pip install {module}")
 
 
+@contextlib.contextmanager
+def _without_attention_fast_path():
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def write_onnx(network: torch.nn.Module, path: str, input_shape: Sequence[int], opset: int) -> None:
     """Exports ``network`` (eval mode, standard-operator form) for inputs ``(batch, *input_shape)``."""
     _require('onnx')
     network.eval()
     example = torch.zeros(1, *input_shape)
     try:
-        # not under no_grad: nn.MultiheadAttention (the MLN's point attention) then takes its fused fast path,
-        # which has no ONNX form; the traced graph is the same either way
-        with portable(network), warnings.catch_warnings():
+        # no_grad: no activations kept for a backward while tracing (memory grows with the patch); without
+        # nn.MultiheadAttention's fused fast path (the MLN's point attention), which has no ONNX form
+        with portable(network), torch.no_grad(), _without_attention_fast_path(), warnings.catch_warnings():
             warnings.simplefilter('ignore')  # the exporter's deprecation and tracer notes
             torch.onnx.export(network, (example,), path, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
