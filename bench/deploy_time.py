@@ -116,8 +116,8 @@ def main(argv=None) -> int:
             for trainer_name in args.trainers:
                 model = _model_folder(env, dataset, configuration, trainer_name)
                 export = os.path.join(root, f'export_{trainer_name}_{configuration}')
-                if not os.path.isdir(export):
-                    _run(['nnunet-ext', 'export', model, '-f', '0', '-o', export], env)
+                shutil.rmtree(export, ignore_errors=True)  # the model's weights are new: so must be its export
+                _run(['nnunet-ext', 'export', model, '-f', '0', '-o', export], env)
                 outputs = {k: os.path.join(root, f'{k}_{trainer_name}_{configuration}') for k in ('stock', 'deploy')}
                 commands = {
                     'stock': ['nnUNetv2_predict', '-i', images, '-o', outputs['stock'], '-d', str(dataset_id), '-c',
