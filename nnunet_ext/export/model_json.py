@@ -7,11 +7,9 @@ from __future__ import annotations
 from typing import List, Sequence
 
 from nnunet_ext import __version__
+from nnunet_ext.deploy.model import FORMAT, FORMAT_VERSION
+from nnunet_ext.deploy.model import READERS as DEPLOYABLE_READERS  # the readers the deploy predictor reproduces
 from nnunet_ext.errors import UserInputError
-
-FORMAT, FORMAT_VERSION = 'nnunet-ext-export', 1
-# the image readers the deploy predictor reproduces (nnU-Net's names, as the plans store them)
-DEPLOYABLE_READERS = ('SimpleITKIO', 'NaturalImage2DIO')
 
 
 def check_deployable(plans: dict, configuration: str) -> None:
