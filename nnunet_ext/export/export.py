@@ -42,7 +42,7 @@ def _export_folds(model_folder: str, staging: str, folds: Optional[Sequence[str]
 
     plans, dataset_json = read_plans_and_dataset(model_folder)
     entries: List[dict] = []
-    first = network = None
+    first = None
     used = opset
     for path in fold_checkpoints(model_folder, folds, checkpoint_name):
         checkpoint = torch.load(path, map_location='cpu', weights_only=False)
@@ -55,10 +55,11 @@ def _export_folds(model_folder: str, staging: str, folds: Optional[Sequence[str]
                                  f"{first['trainer_name']} on {first['init_args']['configuration']}")
         network = network_for_checkpoint(plans, dataset_json, checkpoint)
         network.load_state_dict(checkpoint['network_weights'])
+        needed = required_opset(network)
         if used is None:
-            used = required_opset(network)
-        elif used < required_opset(network):
-            raise UserInputError(f"--opset {used}: this network needs opset {required_opset(network)} or later "
+            used = needed
+        elif used < needed:
+            raise UserInputError(f"--opset {used}: this network needs opset {needed} or later "
                                  f"(GridSample on volumes, in its LFAM modules)")
         input_shape = _input_shape(plans, dataset_json, trained[1])
         fold = os.path.basename(os.path.dirname(path))[len('fold_'):]
