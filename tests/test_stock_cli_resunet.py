@@ -49,6 +49,6 @@ def test_predictions_are_label_maps_on_the_input_grids(pipeline):
 
 
 def test_the_exported_model_predicts_what_the_stock_predictor_predicts(pipeline):
-    """The deploy predictor (torch-free) on the 3D residual U-Net with LFAM: GridSample on volumes, opset 20."""
+    """The deploy predictor (torch-free) on the 3D residual U-Net with LFAM (its deformable convolutions as gathers)."""
     report = assert_deploy_agrees(pipeline['deployed'], pipeline['predictions'], 0.999)
     assert len(report) == 2

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument('--prune-level', type=positive_int, metavar='L',
                    help='ANU-Net / UNet++: export the model pruned to level L (nnunet-ext prune)')
     p.add_argument('--opset', type=positive_int,
-                   help='ONNX opset (default: 17, or 20 for 3D networks with LFAM: GridSample on volumes)')
+                   help='ONNX opset (default and lowest: 17)')
     p.set_defaults(func=_export)
 
 

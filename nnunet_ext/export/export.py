@@ -14,7 +14,7 @@ import torch
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.export.model_json import check_deployable, describe
 from nnunet_ext.export.onnx_file import RELATIVE_TOLERANCE, check_onnx, write_onnx
-from nnunet_ext.export.portable import required_opset
+from nnunet_ext.export.portable import MINIMUM_OPSET
 from nnunet_ext.model_folders import fold_checkpoints, network_for_checkpoint, read_plans_and_dataset
 
 
@@ -36,14 +36,13 @@ def _input_shape(plans: dict, dataset_json: dict, configuration: str) -> List[in
 
 
 def _export_folds(model_folder: str, staging: str, folds: Optional[Sequence[str]], checkpoint_name: str,
-                  opset: Optional[int], log: Callable[[str], None]) -> dict:
+                  opset: int, log: Callable[[str], None]) -> dict:
     """Writes ``fold_F.onnx`` for each fold into ``staging``; returns the ``model.json`` document."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans, dataset_json = read_plans_and_dataset(model_folder)
     entries: List[dict] = []
     first = None
-    used = opset
     for path in fold_checkpoints(model_folder, folds, checkpoint_name):
         checkpoint = torch.load(path, map_location='cpu', weights_only=False)
         trained = (checkpoint['trainer_name'], checkpoint['init_args']['configuration'])
@@ -55,19 +54,13 @@ def _export_folds(model_folder: str, staging: str, folds: Optional[Sequence[str]
                                  f"{first['trainer_name']} on {first['init_args']['configuration']}")
         network = network_for_checkpoint(plans, dataset_json, checkpoint)
         network.load_state_dict(checkpoint['network_weights'])
-        needed = required_opset(network)
-        if used is None:
-            used = needed
-        elif used < needed:
-            raise UserInputError(f"--opset {used}: this network needs opset {needed} or later "
-                                 f"(GridSample on volumes, in its LFAM modules)")
         input_shape = _input_shape(plans, dataset_json, trained[1])
         fold = os.path.basename(os.path.dirname(path))[len('fold_'):]
         onnx_name = f'fold_{fold}.onnx'
-        write_onnx(network, os.path.join(staging, onnx_name), input_shape, used)
+        write_onnx(network, os.path.join(staging, onnx_name), input_shape, opset)
         measured = check_onnx(network, os.path.join(staging, onnx_name), input_shape)
         reference = measured.get('pytorch_float64_vs_float32')
-        log(f"fold {fold}: {onnx_name} (opset {used}); ONNX Runtime vs PyTorch: largest logit difference "
+        log(f"fold {fold}: {onnx_name} (opset {opset}); ONNX Runtime vs PyTorch: largest logit difference "
             f"{measured['max_abs_difference']:.1e}" + ('' if reference is None else
                                                       f" (PyTorch float64 vs float32: {reference:.1e})"))
         entries.append({'fold': fold, 'onnx': onnx_name, 'checkpoint_sha256': _sha256(path), 'check': measured})
@@ -77,7 +70,7 @@ def _export_folds(model_folder: str, staging: str, folds: Optional[Sequence[str]
              'rule': 'max |ONNX - PyTorch| <= tolerance * max(1, max |logit|), or <= max |PyTorch float64 - float32| '
                      '+ that (networks whose output jumps with rounding: IFE entropy)'}
     return describe(model_folder, plans, dataset_json, configuration, first['trainer_name'], checkpoint_name,
-                    first.get('inference_allowed_mirroring_axes'), entries, used, input_shape, num_heads, check)
+                    first.get('inference_allowed_mirroring_axes'), entries, opset, input_shape, num_heads, check)
 
 
 def export_model_folder(model_folder: str, output_folder: str, folds: Optional[Sequence[str]] = None,
@@ -92,6 +85,10 @@ def export_model_folder(model_folder: str, output_folder: str, folds: Optional[S
         raise UserInputError(f"{model_folder}: no such model folder")
     if os.path.exists(output_folder):
         raise UserInputError(f"{output_folder} exists; choose a new output folder")
+    if opset is None:
+        opset = MINIMUM_OPSET
+    elif opset < MINIMUM_OPSET:
+        raise UserInputError(f"--opset {opset}: the export needs opset {MINIMUM_OPSET} or later")
     if output_folder == model_folder or output_folder.startswith(model_folder + os.sep):
         raise UserInputError("the output folder must lie outside the model folder")
     parent = os.path.dirname(output_folder)

@@ -4,8 +4,8 @@ Every module of our networks but one traces into standard operators as it is. Th
 (``LateralFeatureAlignment``): its forward is a custom operator (``nnunet_ext::lateral_alignment``, one
 opaque node for ``torch.compile`` and a memory-lean backward), which an ONNX runtime without our library
 could not run. While exporting, each LFAM instance's ``forward`` is its standard-operator form
-(``nnunet_ext.nn.deformable_conv.portable``: one ``GridSample`` per kernel position). ``GridSample`` on 5-D
-input (3D networks) needs ONNX opset 20; everything else runs from opset 17.
+(``nnunet_ext.nn.deformable_conv.portable``: gathers of pixel rows and one ``MatMul`` per kernel position).
+Every network exports at ONNX opset 17 (``MINIMUM_OPSET``) or later.
 """
 from __future__ import annotations
 
@@ -18,15 +18,8 @@ import torch
 from nnunet_ext.nn.deformable_conv.portable import lateral_alignment_portable
 from nnunet_ext.nn.lateral_alignment import LateralFeatureAlignment
 
-# ONNX Runtime 1.14 and TensorRT 8.6 run opset 17; GridSample on 5-D input exists from opset 20
-DEFAULT_OPSET = 17
-VOLUMETRIC_GRID_SAMPLE_OPSET = 20
-
-
-def required_opset(network: torch.nn.Module) -> int:
-    """The lowest opset that holds every operator of ``network``'s standard-operator form."""
-    volumetric = any(isinstance(m, LateralFeatureAlignment) and m.deform.ndim == 3 for m in network.modules())
-    return VOLUMETRIC_GRID_SAMPLE_OPSET if volumetric else DEFAULT_OPSET
+# the default and the lowest opset exported and tested: ONNX Runtime 1.14 and TensorRT 8.6 run it
+MINIMUM_OPSET = 17
 
 
 @contextlib.contextmanager
