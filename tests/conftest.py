@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -40,6 +41,17 @@ def once_per_run(tmp_path_factory, name: str, build):
             built = build(tempfile.mkdtemp(prefix=f'{name}_', dir=shared))
             result.write_text(json.dumps(built), encoding='utf-8')
         return json.loads(result.read_text(encoding='utf-8'))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """Every test leaves SIGINT's and SIGTERM's handlers as it found them. A handler left behind by an in-process
+    command is inherited by the pools nnU-Net forks later in the same worker: a pool worker that survived
+    ``Pool.terminate()`` that way hung a CI run."""
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    after = {number: signal.getsignal(number) for number in before}
+    assert after == before, f"the test left signal handlers changed: {before} -> {after}"
 
 
 @pytest.fixture(scope='session')

@@ -470,7 +470,7 @@ def test_user_errors_are_one_line(pipeline, tmp_path, capsys):
 
     def error(*args):
         capsys.readouterr()
-        assert main(list(args) + ['--no-progress']) == 2
+        assert main(list(args) + ['--no-progress']) == 2  # and leaves SIGTERM's handler as it was (conftest)
         err = capsys.readouterr().err.strip()
         assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err, err
         return err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 
 from nnunet_ext.errors import UserInputError
 from nnunet_ext.deploy.commands import DESCRIPTION, add_arguments, run
@@ -17,14 +19,30 @@ class _Signalled(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_interrupt(signum, frame):
-    raise _Signalled(signum)
-
-
 def main(argv=None) -> int:
+    """The command; SIGTERM raises like Ctrl-C while it runs (the previous handler comes back after it)."""
     import signal
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # SIGTERM like Ctrl-C: temporary files removed
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL or threading.current_thread() is not threading.main_thread():
+        return _main(argv)  # ignored (nohup), someone else's handler, or not settable here: left as it is
+    owner = os.getpid()
+
+    def raise_interrupt(signum, frame):
+        if os.getpid() != owner:  # a process forked from this one inherited the handler: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Signalled(signum)
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv) -> int:
+    import signal
     parser = argparse.ArgumentParser(prog='python -m nnunet_ext.deploy', description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
