@@ -101,11 +101,15 @@ def test_status_and_submitting_the_finished_study_again(study):
     assert len(submitted_ids(study['folder'])) == 6  # the first submission's arrays only
 
 
+EPOCHS = 8  # the warning signal must come before the last epoch, whatever the machine's speed
+
+
 def test_warning_signal_saves_requeues_and_continues_from_the_checkpoint(study, cluster_env):
     env, cluster = cluster_env['env'], cluster_env['cluster']
     spec = os.path.join(cluster_env['root'], 'long.toml')
     run(['nnunet-ext', 'study', 'init', spec, '-d', DATASET, '-tr', 'nnUNetTrainer', '-f', '0', '--device', 'cpu',
-         '--executor', 'slurm', '--epochs', '4', '--iterations', '12', '--val-iterations', '1', '--no-test'], env)
+         '--executor', 'slurm', '--epochs', str(EPOCHS), '--iterations', '12', '--val-iterations', '1',
+         '--no-test'], env)
     with open(spec, encoding='utf-8') as f:
         text = f.read().replace('cpus = 4', 'cpus = 1')
     with open(spec, 'w', encoding='utf-8') as f:
@@ -114,24 +118,35 @@ def test_warning_signal_saves_requeues_and_continues_from_the_checkpoint(study, 
     run(['nnunet-ext', 'study', 'run', spec], env)
     train_array = submitted_ids(folder)[0]
     log = os.path.join(folder, 'logs', f'train__{DATASET}__2d__nnUNetTrainer__fold_0__seed_0.log')
-    deadline = time.monotonic() + 300
-    while not (os.path.isfile(log) and 'Epoch 1' in open(log, encoding='utf-8', errors='replace').read()):
-        assert time.monotonic() < deadline, cluster.diagnostics()
-        time.sleep(0.2)
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 300
+        while not (os.path.isfile(log) and text in open(log, encoding='utf-8', errors='replace').read()):
+            assert time.monotonic() < deadline, cluster.diagnostics()
+            time.sleep(0.2)
+
+    wait_for('Epoch 0')
     status = run(['nnunet-ext', 'study', 'status', spec], env).stdout
     assert re.search(r'train__\S+\s+running', status), status
+    wait_for('Epoch 1')  # an epoch takes about 1.5 s here: the signal may come in epoch 1 or a later one
     cluster.run(['scancel', '--signal=USR1', '--batch', f'{train_array}_0'])  # what --signal=B:USR1@N sends
     states = cluster.wait_finished(submitted_ids(folder), timeout=600)
     assert set(states.values()) == {'COMPLETED'}, (states, cluster.diagnostics())
     with open(log, encoding='utf-8', errors='replace') as f:
         text = f.read()
     assert re.search(r'attempt 1\)', text) and re.search(r'attempt 2\)', text), text[-3000:]
+    # the epoch in progress when the signal came was finished and saved; the next attempt starts after it
+    preempted = re.search(r'preempted by SIGUSR1 after epoch (\d+): saved checkpoint_latest\.pth, the next attempt '
+                          r'starts at epoch (\d+)', text)
+    assert preempted, text[-3000:]
+    done, next_epoch = int(preempted.group(1)), int(preempted.group(2))
+    assert 1 <= done < EPOCHS - 1 and next_epoch == done + 1, text[-3000:]
     resumed = re.search(r'resuming from checkpoint_latest\.pth at epoch (\d+) \(attempt 2\)', text)
-    assert resumed and int(resumed.group(1)) == 2, text[-3000:]  # the signal came in epoch 1: it finished it
+    assert resumed and int(resumed.group(1)) == next_epoch, text[-3000:]
     assert 'requeueing SLURM job' in text
     fold = fold_folder(folder, 'nnUNetTrainer', 0)
-    assert checkpoint_epochs(os.path.join(fold, 'checkpoint_final.pth')) == 4  # as an uninterrupted run
+    assert checkpoint_epochs(os.path.join(fold, 'checkpoint_final.pth')) == EPOCHS  # as an uninterrupted run
     with open(os.path.join(fold, 'study_training.json'), encoding='utf-8') as f:
         attempts = json.load(f)['attempts']
     assert [a['outcome'] for a in attempts] == ['preempted', 'finished']
-    assert [(a['start_epoch'], a['end_epoch']) for a in attempts] == [(0, 2), (2, 4)]
+    assert [(a['start_epoch'], a['end_epoch']) for a in attempts] == [(0, next_epoch), (next_epoch, EPOCHS)]
