@@ -30,6 +30,7 @@ against loops written from the papers' equations.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -44,18 +45,18 @@ def deform_conv_portable(x: torch.Tensor, offset: torch.Tensor, weight: torch.Te
     ``mask_logits``: ``mask`` holds logits, the modulation is their sigmoid (LFAM)."""
     n = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
-    K = _volume(kernel)
+    K = math.prod(kernel)
     stride, padding, dilation = (_tuple(v, n, name, m) for v, name, m in
                                  ((stride, 'stride', 1), (padding, 'padding', 0), (dilation, 'dilation', 1)))
     C, spatial, out = x.shape[1], tuple(x.shape[2:]), tuple(offset.shape[2:])
-    N, O = _volume(out), weight.shape[0]
+    N, O = math.prod(out), weight.shape[0]
     G = offset.shape[1] // (n * K)
-    rows = x.reshape(-1, G, C // G, _volume(spatial)).transpose(2, 3).reshape(-1, C // G)
+    rows = x.reshape(-1, G, C // G, math.prod(spatial)).transpose(2, 3).reshape(-1, C // G)
     offsets = offset.reshape(-1, G, K, n, N)
     modulation = None if mask is None else mask.reshape(-1, G, K, N)
     if modulation is not None and mask_logits:
         modulation = torch.sigmoid(modulation)
-    first = _first_rows(offsets, _volume(spatial))
+    first = _first_rows(offsets, math.prod(spatial))
     grid = _output_grid(out, stride, padding, offset.dtype, offset.device)
     dilation_ = torch.tensor(dilation, dtype=grid.dtype, device=grid.device).view(n, 1)
     weights = _weights_per_position(weight, C // weight.shape[1])
@@ -80,7 +81,7 @@ def _interpolate(rows: torch.Tensor, first: torch.Tensor, coordinates: torch.Ten
     corners = torch.tensor(list(itertools.product((0, 1), repeat=n)), dtype=coordinates.dtype,
                            device=coordinates.device).view(1, 1, 2 ** n, n, 1)
     last = torch.tensor([s - 1 for s in spatial], dtype=coordinates.dtype, device=coordinates.device).view(n, 1)
-    row_stride = torch.tensor([_volume(spatial[i + 1:]) for i in range(n)], device=coordinates.device).view(n, 1)
+    row_stride = torch.tensor([math.prod(spatial[i + 1:]) for i in range(n)], device=coordinates.device).view(n, 1)
     low = torch.floor(coordinates)
     fraction = (coordinates - low).unsqueeze(2)
     pixel = low.unsqueeze(2) + corners  # (B, G, Q, n, N)
@@ -116,13 +117,6 @@ def _weights_per_position(weight: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return per_group[0]
     return torch.stack([torch.block_diag(*per_group[:, k]) for k in range(per_group.shape[1])])
-
-
-def _volume(shape: Sequence[int]) -> int:
-    v = 1
-    for s in shape:
-        v *= int(s)
-    return v
 
 
 def lateral_alignment_portable(module, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
