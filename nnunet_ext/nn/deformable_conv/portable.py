@@ -6,19 +6,21 @@ exporter (a runtime without our library could not run them). These functions com
 operators every ONNX runtime has had since opset 13 (``Gather``, ``Floor``, ``MatMul`` and elementwise
 arithmetic), in the form of the CPU 'gather' sampler of :mod:`.sampling`:
 
-* the input becomes a table of rows, one per pixel (channels last, one row per offset group);
-* per kernel position ``k``: the positions and weights of the ``2 ** n`` corners of the bi/trilinear cell
-  around each sampling position (weight zero for a corner outside the image: zero padding; times the
-  modulation), one ``Gather`` of the corners' rows, and one batched ``MatMul`` that sums them with their weights;
+* the input, zero-padded by one pixel on every side, becomes a table of rows, one per pixel (channels last, one
+  row per offset group);
+* per kernel position ``k``: for each sampling position, the row of its bi/trilinear cell's lower corner (the
+  other ``2 ** n`` corners are constant steps away in the padded image, the padding reads as zero outside the
+  image) and the corner weights (products of per-axis fractions, times the modulation, zero for a cell outside
+  the image); one ``Gather`` of the corners' rows and one batched ``MatMul`` that sums them with their weights;
 * ``y += samples_k @ W_k``: one ``MatMul`` per kernel position with that position's weights.
 
 Why not ``GridSample`` (one per kernel position, as the 'grid_sample' sampler does): ONNX Runtime's CPU
-``GridSample`` on 5-D input is about 2x slower than these gathers on a 48 x 96 x 96 skip with 32 channels, and
-needs opset 20. Why all corners at once: one gather, product and sum per corner is no faster in ONNX Runtime and
-gives a graph 4x larger (a 3D network with LFAM took 34 s to export instead of 5). Both forms are
-memory-bound: every intermediate of a whole patch goes through main memory, where PyTorch's operator works in
-cache-sized chunks, so a 3D network with LFAM stays slower in ONNX Runtime than in PyTorch on a CPU
-(``docs/commands/export.md``, Speed).
+``GridSample`` on 5-D input is several times slower than these gathers on a 48 x 96 x 96 skip with 32 channels,
+and needs opset 20. Why the padded image: the index and weight arithmetic per position then works on ``N``-vectors
+rather than on ``2 ** n`` corners x ``n`` axes (one corner index per position instead of clamping and masking
+every corner), which took 40 % of the module's time in ONNX Runtime. What remains is memory-bound: the gathered
+corners of a whole patch (8 x channels x voxels per kernel position) go through main memory, where PyTorch's
+operator works in cache-sized chunks (``docs/commands/export.md``, Speed).
 
 Forward only, no memory economy beyond one kernel position at a time. The batch axis stays free (row
 numbers of each batch item are computed from the data, every reshape leaves the batch at ``-1``); the spatial
@@ -51,12 +53,12 @@ def deform_conv_portable(x: torch.Tensor, offset: torch.Tensor, weight: torch.Te
     C, spatial, out = x.shape[1], tuple(x.shape[2:]), tuple(offset.shape[2:])
     N, O = math.prod(out), weight.shape[0]
     G = offset.shape[1] // (n * K)
-    rows = x.reshape(-1, G, C // G, math.prod(spatial)).transpose(2, 3).reshape(-1, C // G)
+    rows = _padded_rows(x, G)
     offsets = offset.reshape(-1, G, K, n, N)
     modulation = None if mask is None else mask.reshape(-1, G, K, N)
     if modulation is not None and mask_logits:
         modulation = torch.sigmoid(modulation)
-    first = _first_rows(offsets, math.prod(spatial))
+    first = _first_rows(offsets, math.prod(s + 2 for s in spatial))
     grid = _output_grid(out, stride, padding, offset.dtype, offset.device)
     dilation_ = torch.tensor(dilation, dtype=grid.dtype, device=grid.device).view(n, 1)
     weights = _weights_per_position(weight, C // weight.shape[1])
@@ -72,27 +74,45 @@ def deform_conv_portable(x: torch.Tensor, offset: torch.Tensor, weight: torch.Te
     return result.transpose(1, 2).reshape(-1, O, *out)
 
 
+def _padded_rows(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B * G * P, C/G)``: the image zero-padded by one pixel on every side (``P`` pixels), as a table of rows,
+    one per pixel and offset group, channels last."""
+    channels_last = x.reshape(-1, x.shape[1] // groups, *x.shape[2:]).movedim(1, -1)
+    padded = torch.nn.functional.pad(channels_last, (0, 0) + (1, 1) * (x.ndim - 2))
+    return padded.reshape(-1, channels_last.shape[-1])
+
+
 def _interpolate(rows: torch.Tensor, first: torch.Tensor, coordinates: torch.Tensor, spatial: Sequence[int],
                  modulation: Optional[torch.Tensor]) -> torch.Tensor:
-    """Bi/trilinear samples ``(B, G, N, C/G)`` of ``rows`` at pixel ``coordinates`` ``(B, G, n, N)``, zero outside
-    the image, times ``modulation`` ``(B, G, N)``. Positions and weights of the ``2 ** n`` corners of every
-    cell are computed at once (fewer nodes: a small graph exports in seconds)."""
-    n = len(spatial)
-    corners = torch.tensor(list(itertools.product((0, 1), repeat=n)), dtype=coordinates.dtype,
-                           device=coordinates.device).view(1, 1, 2 ** n, n, 1)
-    last = torch.tensor([s - 1 for s in spatial], dtype=coordinates.dtype, device=coordinates.device).view(n, 1)
-    row_stride = torch.tensor([math.prod(spatial[i + 1:]) for i in range(n)], device=coordinates.device).view(n, 1)
+    """Bi/trilinear samples ``(B, G, N, C/G)`` of the padded image's ``rows`` at pixel ``coordinates``
+    ``(B, G, n, N)`` of the image, zero outside it, times ``modulation`` ``(B, G, N)``.
+
+    A cell whose lower corner lies in ``[-1, size - 1]`` on every axis has all its ``2 ** n`` corners in the padded
+    image, those outside the image on its zero border; any other cell lies outside the image and gets weight 0. So
+    each sampling position needs one row number (its cell's lower corner) plus constant steps to the other corners,
+    and corner weights that are products of per-axis fractions: the work per position is a few operations on
+    ``N``-vectors, one ``Gather`` of the corners' rows and one batched ``MatMul`` that sums them."""
+    padded = [s + 2 for s in spatial]
     low = torch.floor(coordinates)
-    fraction = (coordinates - low).unsqueeze(2)
-    pixel = low.unsqueeze(2) + corners  # (B, G, Q, n, N)
-    inside = ((pixel >= 0) & (pixel <= last)).to(coordinates.dtype)
-    weight = torch.prod((corners * fraction + (1 - corners) * (1 - fraction)) * inside, 3)  # (B, G, Q, N)
+    fraction = coordinates - low
+    inside = lower_corner = weight = None
+    for axis, size in enumerate(spatial):
+        below, f = low[:, :, axis], fraction[:, :, axis]
+        within = (below >= -1) & (below <= size - 1)
+        inside = within if inside is None else inside & within
+        row = (torch.clamp(below, -1, size - 1) + 1).long()
+        lower_corner = row if lower_corner is None else lower_corner * padded[axis] + row
+        pair = torch.stack((1 - f, f))  # (2, B, G, N)
+        weight = pair if weight is None else (weight.unsqueeze(1) * pair).flatten(0, 1)  # (2 ** (axis + 1), B, G, N)
+    factor = inside.to(coordinates.dtype)
     if modulation is not None:
-        weight = weight * modulation.unsqueeze(2)
-    index = (first.unsqueeze(2) + (torch.minimum(torch.clamp(pixel, min=0), last).long() * row_stride).sum(3))
-    # all corners in one gather (B, G, N, Q, C/G), summed with their weights by one batched MatMul
-    samples = rows[index.transpose(2, 3).reshape(-1)].reshape(*index.shape[:2], -1, 2 ** n, rows.shape[1])
-    return torch.matmul(weight.transpose(2, 3).unsqueeze(3).to(rows.dtype), samples).squeeze(3)
+        factor = factor * modulation
+    steps = torch.tensor([sum(c * math.prod(padded[axis + 1:]) for axis, c in enumerate(corner))
+                          for corner in itertools.product((0, 1), repeat=len(spatial))], device=coordinates.device)
+    index = (first + lower_corner).unsqueeze(-1) + steps  # (B, G, N, 2 ** n), corners in the order of `weight`
+    samples = rows[index.reshape(-1)].reshape(*index.shape, rows.shape[1])
+    weight = (weight * factor).movedim(0, -1).unsqueeze(-2)  # (B, G, N, 1, 2 ** n)
+    return torch.matmul(weight.to(rows.dtype), samples).squeeze(-2)
 
 
 def _first_rows(offsets: torch.Tensor, pixels: int) -> torch.Tensor:
