@@ -29,6 +29,7 @@ from typing import Callable, Iterator, List, Optional
 from nnunet_ext import __version__
 from nnunet_ext.environment import EnvironmentSetupError
 from nnunet_ext.errors import UserInputError, positive_float, positive_int
+from nnunet_ext.signals import acted_as_default_in_forked_child
 
 
 def _cmd_env(args) -> None:
@@ -322,12 +323,10 @@ def _signals_raise_interrupted() -> Iterator[Callable[[], None]]:
     owner = os.getpid()
 
     def handler(signal_number, frame):
-        if os.getpid() != owner:  # a forked child (nnU-Net's fork pools) inherited this handler: behave as
-            if signal_number == signal.SIGINT:  # Python's default there, or the pool's terminate() (SIGTERM)
-                signal.default_int_handler(signal_number, frame)  # deadlocks on a lock the worker holds
-            signal.signal(signal_number, signal.SIG_DFL)
-            os.kill(os.getpid(), signal_number)
-            return
+        if signal_number == signal.SIGINT and os.getpid() != owner:  # a forked child: Python's default there
+            signal.default_int_handler(signal_number, frame)
+        if acted_as_default_in_forked_child(owner, signal_number):  # or the pool's terminate() (SIGTERM)
+            return  # deadlocks on a lock the worker holds
         if armed[0] and not _interrupt_in_flight():
             raise Interrupted(signal_number)
 

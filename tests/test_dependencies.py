@@ -128,15 +128,17 @@ def test_losses_and_blocks_do_not_import_nnunet():
 
 def test_the_deploy_predictor_imports_neither_torch_nor_nnunet():
     """``nnunet_ext.deploy`` runs where only numpy, scipy, SimpleITK and onnxruntime are installed: its modules
-    import no training library, and of this package only ``nnunet_ext.deploy`` and ``nnunet_ext.errors`` (itself
-    torch-free; the run with these imports blocked is in test_deploy_steps.py and the stock-CLI tests)."""
+    import no training library, and of this package only ``nnunet_ext.deploy``, ``nnunet_ext.errors`` and
+    ``nnunet_ext.signals`` (themselves torch-free; the run with these imports blocked is in test_deploy_steps.py
+    and the stock-CLI tests)."""
     forbidden = ('torch', 'nnunetv2', 'skimage', 'nibabel', 'batchgenerators', 'dynamic_network_architectures')
     for module, file in package_modules().items():
-        if _in(module, ('nnunet_ext.deploy',)) or module in ('nnunet_ext.errors', 'nnunet_ext'):
+        if _in(module, ('nnunet_ext.deploy',)) or module in ('nnunet_ext.errors', 'nnunet_ext.signals', 'nnunet_ext'):
             tree = ast.parse(open(file, encoding='utf-8').read())
             names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
             names += [n.module or '' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
             assert not [n for n in names if _in(n, forbidden)], module
             ours = [n for n in names if _in(n, ('nnunet_ext',))]
-            assert all(_in(n, ('nnunet_ext.deploy', 'nnunet_ext.errors')) or n == 'nnunet_ext' for n in ours), (
+            allowed = ('nnunet_ext.deploy', 'nnunet_ext.errors', 'nnunet_ext.signals')
+            assert all(_in(n, allowed) or n == 'nnunet_ext' for n in ours), (
                 module, ours)

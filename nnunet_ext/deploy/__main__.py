@@ -8,6 +8,7 @@ import sys
 import threading
 
 from nnunet_ext.errors import UserInputError
+from nnunet_ext.signals import acted_as_default_in_forked_child
 from nnunet_ext.deploy.commands import DESCRIPTION, add_arguments, run
 
 
@@ -28,9 +29,7 @@ def main(argv=None) -> int:
     owner = os.getpid()
 
     def raise_interrupt(signum, frame):
-        if os.getpid() != owner:  # a process forked from this one inherited the handler: die as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if acted_as_default_in_forked_child(owner, signum):
             return
         raise _Signalled(signum)
 

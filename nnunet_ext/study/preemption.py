@@ -16,6 +16,8 @@ import os
 import signal
 from typing import Callable, Dict, List, Optional
 
+from nnunet_ext.signals import acted_as_default_in_forked_child
+
 PREEMPTED_STATUS = 75  # EX_TEMPFAIL: state saved (or nothing lost), run the same command again
 
 WARNING_SIGNALS = (signal.SIGUSR1,)
@@ -51,9 +53,7 @@ class SignalFlags:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        if os.getpid() != self._pid:  # a forked child (augmentation worker): behave as without us
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if acted_as_default_in_forked_child(self._pid, signum):  # a forked child (augmentation worker)
             return
         self.received.append(signum)
         if self.raise_now:
