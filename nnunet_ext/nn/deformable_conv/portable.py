@@ -59,13 +59,15 @@ def deform_conv_portable(x: torch.Tensor, offset: torch.Tensor, weight: torch.Te
     if modulation is not None and mask_logits:
         modulation = torch.sigmoid(modulation)
     first = _first_rows(offsets, math.prod(s + 2 for s in spatial))
+    steps = _corner_steps(spatial, x.device)
     grid = _output_grid(out, stride, padding, offset.dtype, offset.device)
     dilation_ = torch.tensor(dilation, dtype=grid.dtype, device=grid.device).view(n, 1)
     weights = _weights_per_position(weight, C // weight.shape[1])
     result = None
     for k, position in enumerate(itertools.product(*[range(s) for s in kernel])):
         coordinates = offsets[:, :, k] + grid + torch.tensor(position, dtype=grid.dtype).view(n, 1) * dilation_
-        samples = _interpolate(rows, first, coordinates, spatial, None if modulation is None else modulation[:, :, k])
+        samples = _interpolate(rows, first, steps, coordinates, spatial,
+                               None if modulation is None else modulation[:, :, k])
         samples = samples.reshape(-1, N, C) if G == 1 else samples.transpose(1, 2).reshape(-1, N, C)
         term = torch.matmul(samples.to(weights.dtype), weights[k])
         result = term if result is None else result + term
@@ -82,14 +84,23 @@ def _padded_rows(x: torch.Tensor, groups: int) -> torch.Tensor:
     return padded.reshape(-1, channels_last.shape[-1])
 
 
-def _interpolate(rows: torch.Tensor, first: torch.Tensor, coordinates: torch.Tensor, spatial: Sequence[int],
-                 modulation: Optional[torch.Tensor]) -> torch.Tensor:
+def _corner_steps(spatial: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(2 ** n,)``: the row steps from a cell's lower corner to each of its corners in the padded image, in
+    the order of ``itertools.product((0, 1), repeat=n)`` (axis 0 the most significant, as the weights of
+    :func:`_interpolate`)."""
+    padded = [s + 2 for s in spatial]
+    return torch.tensor([sum(c * math.prod(padded[axis + 1:]) for axis, c in enumerate(corner))
+                         for corner in itertools.product((0, 1), repeat=len(spatial))], device=device)
+
+
+def _interpolate(rows: torch.Tensor, first: torch.Tensor, steps: torch.Tensor, coordinates: torch.Tensor,
+                 spatial: Sequence[int], modulation: Optional[torch.Tensor]) -> torch.Tensor:
     """Bi/trilinear samples ``(B, G, N, C/G)`` of the padded image's ``rows`` at pixel ``coordinates``
     ``(B, G, n, N)`` of the image, zero outside it, times ``modulation`` ``(B, G, N)``.
 
     A cell whose lower corner lies in ``[-1, size - 1]`` on every axis has all its ``2 ** n`` corners in the padded
     image, those outside the image on its zero border; any other cell lies outside the image and gets weight 0. So
-    each sampling position needs one row number (its cell's lower corner) plus constant steps to the other corners,
+    each sampling position needs one row number (its cell's lower corner) plus ``steps`` to the other corners,
     and corner weights that are products of per-axis fractions: the work per position is a few operations on
     ``N``-vectors, one ``Gather`` of the corners' rows and one batched ``MatMul`` that sums them."""
     padded = [s + 2 for s in spatial]
@@ -107,8 +118,6 @@ def _interpolate(rows: torch.Tensor, first: torch.Tensor, coordinates: torch.Ten
     factor = inside.to(coordinates.dtype)
     if modulation is not None:
         factor = factor * modulation
-    steps = torch.tensor([sum(c * math.prod(padded[axis + 1:]) for axis, c in enumerate(corner))
-                          for corner in itertools.product((0, 1), repeat=len(spatial))], device=coordinates.device)
     index = (first + lower_corner).unsqueeze(-1) + steps  # (B, G, N, 2 ** n), corners in the order of `weight`
     samples = rows[index.reshape(-1)].reshape(*index.shape, rows.shape[1])
     weight = (weight * factor).movedim(0, -1).unsqueeze(-2)  # (B, G, N, 1, 2 ** n)
