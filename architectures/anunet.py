@@ -69,6 +69,10 @@ from torch.nn.modules.dropout import _DropoutNd
 from nnunet_ext.nn.attention_gate import AttentionGate, psi_norm_op
 
 PRUNE_LEVEL_ENV = 'NNUNET_EXT_ANUNET_PRUNE_LEVEL'
+# paper_preset's norms: the paper's BatchNorm, or nnU-Net's InstanceNorm; (2D op, 3D op) and keywords
+PAPER_NORMS = {'batch': (nn.BatchNorm2d, nn.BatchNorm3d), 'instance': (nn.InstanceNorm2d, nn.InstanceNorm3d)}
+PAPER_NORM_KWARGS = {'batch': {'eps': 1e-5, 'momentum': 0.1, 'affine': True},
+                     'instance': {'eps': 1e-5, 'affine': True}}
 
 IntOrSeq = Union[int, List[int], Tuple[int, ...]]
 
@@ -329,7 +333,8 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
     # ----- the paper's configuration ---------------------------------------------------------------------
     @classmethod
     def paper_preset(cls, level: int = 4, num_classes: int = 1, input_channels: int = 1,
-                     deep_supervision: bool = True, ndim: int = 2, prune_level: Optional[int] = None) -> "ANUNet":
+                     deep_supervision: bool = True, ndim: int = 2, prune_level: Optional[int] = None,
+                     norm: str = 'batch') -> "ANUNet":
         """The network of the paper (Section 3, Fig. 4; Table 6 counts its parameters): 5 stages of
         32/64/128/256/512 features, max-pooling by 2, two 3x3 conv -> BatchNorm -> ReLU per node (convs
         with bias), up-sampling by a 2x2 transposed conv -> BatchNorm -> ReLU shared per row, gates with
@@ -345,10 +350,17 @@ class ANUNet(AbstractDynamicNetworkArchitectures):
         8.9496 M). That last norm adds ``2 f_i`` per row, which for these widths equals ``2 F_int`` per gate:
         an extra BatchNorm inside every gate would give the same counts; we take the up-convolution block
         (conv -> BN -> ReLU, as in the Attention U-Net code the gate sizes follow) and keep the gate as in
-        Eqs. 1-3."""
-        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if ndim == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        Eqs. 1-3.
+
+        ``norm``: ``'batch'``, the paper's BatchNorm; ``'instance'``, nnU-Net's InstanceNorm (affine) in every
+        place the paper has BatchNorm except the gates' one-channel ``psi``, which then has no norm (module
+        docstring): 20 parameters fewer at L4 (10 gates), the topology and every other count unchanged."""
+        if norm not in PAPER_NORMS:
+            raise ValueError(f"ANUNet.paper_preset: norm must be one of {sorted(PAPER_NORMS)}, got {norm!r}")
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        norm_op, norm_kwargs = PAPER_NORMS[norm][ndim - 2], dict(PAPER_NORM_KWARGS[norm])
         return cls(input_channels, 5, (32, 64, 128, 256, 512), conv, 3, (1, 2, 2, 2, 2), 2, num_classes, 2,
-                   conv_bias=True, norm_op=norm, norm_op_kwargs={'eps': 1e-5, 'momentum': 0.1, 'affine': True},
+                   conv_bias=True, norm_op=norm_op, norm_op_kwargs=norm_kwargs,
                    nonlin=nn.ReLU, nonlin_kwargs={'inplace': True}, deep_supervision=deep_supervision, pool='max',
                    attention_channels=(32, 32, 64, 128), upsampling_norm=True, max_level=level,
                    prune_level=prune_level)

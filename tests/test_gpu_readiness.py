@@ -35,12 +35,12 @@ GLOBAL_LOSS_TRAINERS = ('nnUNetTrainerGODC', 'nnUNetTrainerGODCOnly', 'nnUNetTra
 # are made of another listed trainer's parts: MLL's and GODCOnly's network is GODC's (GODCOnly's loss is GODC's
 # without the cross-entropy), UNet++'s is ANU-Net's without gates, IFE curvature's is IFE entropy's module with
 # another score, the plain residual U-Net is inside ResUNetGODCLFAM's, LFAMResEnc is nnU-Net's residual encoder
-# with GODCLFAM's alignments, and the ResUNet paper's network is residual units (ResUNetGODCLFAM's) with
-# BatchNorm (ANUNetPaper's)
+# with GODCLFAM's alignments, and the ANU-Net paper's network is ANU-Net's with max-pooling and a fixed topology
+# (the ResUNet paper's network, residual units with BatchNorm, stays: the one network with BatchNorm)
 DDP_TRAINERS = tuple(n for n in h.TRAINERS if n not in ('nnUNetTrainerMLL', 'nnUNetTrainerGODCOnly',
                                                          'nnUNetTrainerUNetPlusPlus', 'nnUNetTrainerIFECurvature',
                                                          'nnUNetTrainerResUNet', 'nnUNetTrainerLFAMResEnc',
-                                                         'nnUNetTrainerResUNetPaper'))
+                                                         'nnUNetTrainerANUNetPaper'))
 
 
 @pytest.fixture(autouse=True)

@@ -42,24 +42,61 @@ def _n_params(network):
     return sum(p.numel() for p in network.parameters())
 
 
-@pytest.mark.parametrize('name, channels, params', [
-    (ANUNET_PAPER, 1, 8_950_594),   # ANU-Net paper, Table 6, L4 (one CT channel, one output)
-    (RESUNET_PAPER, 3, 8_221_379),  # Zhang et al.'s network on RGB, one output: 8,220,993 + 386 in the two
-])                                  # auxiliary heads (architectures/resunet.py)
-def test_the_network_is_the_papers_whatever_the_plans_topology(name, channels, params):
+def _norms(network):
+    return {type(m) for m in network.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase,
+                                                                torch.nn.GroupNorm, torch.nn.LayerNorm))}
+
+
+# ANU-Net with the paper's BatchNorm: Table 6, L4 (one CT channel, one output). Its default, InstanceNorm, has no
+# norm on the 10 gates' one-channel psi (2 parameters each). Zhang et al.'s network on RGB, one output: 8,220,993
+# + 386 in the two auxiliary heads (architectures/resunet.py).
+@pytest.mark.parametrize('name, anunet_norm, channels, params, norm', [
+    (ANUNET_PAPER, 'batch', 1, 8_950_594, torch.nn.BatchNorm2d),
+    (ANUNET_PAPER, None, 1, 8_950_594 - 10 * 2, torch.nn.InstanceNorm2d),
+    (RESUNET_PAPER, None, 3, 8_221_379, torch.nn.BatchNorm2d),
+])
+def test_the_network_is_the_papers_whatever_the_plans_topology(name, anunet_norm, channels, params, norm,
+                                                               monkeypatch):
     trainer = _trainer(name, channels=channels, dataset_json=ONE_REGION)
+    if anunet_norm is not None:
+        monkeypatch.setattr(type(trainer), 'anunet_paper_norm', anunet_norm)
     assert trainer.configuration_manager.network_arch_init_kwargs['features_per_stage'] == [4, 8, 16, 32]
     network = _network(trainer, channels)
     assert _n_params(network) == params
-    norms = {type(m) for m in network.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase,
-                                                                 torch.nn.GroupNorm, torch.nn.LayerNorm))}
-    assert norms == {torch.nn.BatchNorm2d}  # the papers' norm, not the plans' InstanceNorm
+    assert _norms(network) == {norm}  # the plans' features are [4, 8, 16, 32]: the topology is the paper's
+
+
+def test_the_default_paper_anunet_predicts_with_what_it_trained_with(monkeypatch):
+    """Regression for the paper network's gap on real images (docs/methods/anunet.md): with BatchNorm a test
+    image is normalised by running statistics of augmented, foreground-oversampled training patches, not by its
+    own, and the paper network scored 0.1 Dice below nnUNetTrainer; with the default InstanceNorm the output of
+    an image is the same in training and in inference mode. The paper's BatchNorm stays one attribute away."""
+    trainer = _trainer(ANUNET_PAPER)
+    torch.manual_seed(0)
+    network = _network(trainer, deep_supervision=False)
+    x = torch.randn(3, 1, *trainer.configuration_manager.patch_size) * 4 + 2  # not the running stats' (0, 1)
+    with torch.no_grad():
+        training = network.train()(x)
+        inference = network.eval()(x)
+    torch.testing.assert_close(inference, training)
+    monkeypatch.setattr(type(trainer), 'anunet_paper_norm', 'batch')
+    paper = _network(trainer, deep_supervision=False)
+    paper.load_state_dict(network.state_dict(), strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(paper.train()(x), paper.eval()(x), atol=1e-3)
+
+
+def test_an_unknown_paper_norm_is_refused(monkeypatch):
+    trainer = _trainer(ANUNET_PAPER)
+    monkeypatch.setattr(type(trainer), 'anunet_paper_norm', 'group')
+    with pytest.raises(ValueError, match=r"anunet_paper_norm must be one of \['batch', 'instance'\].*got 'group'"):
+        _network(trainer)
 
 
 def test_more_classes_add_one_output_channel_to_every_head():
     """ANU-Net: 4 heads of 1x1 conv on 32 features, (32 + 1) parameters per extra output channel each."""
     trainer = _trainer(ANUNET_PAPER)  # background + liver + tumour: 3 softmax outputs
-    assert _n_params(_network(trainer)) == 8_950_594 + 2 * 4 * (32 + 1)
+    assert _n_params(_network(trainer)) == 8_950_594 - 10 * 2 + 2 * 4 * (32 + 1)
 
 
 @pytest.mark.parametrize('name', [ANUNET_PAPER, RESUNET_PAPER])
@@ -115,9 +152,10 @@ def test_resunet_paper_takes_a_patch_anunet_paper_refuses():
     assert [tuple(o.shape) for o in outputs] == [(1, 3, 40, 40), (1, 3, 20, 20), (1, 3, 10, 10)]
 
 
-def test_pruned_plans_build_the_pruned_level():
+def test_pruned_plans_build_the_pruned_level(monkeypatch):
     """``nnunet-ext prune`` writes ``max_level`` into the plans: Table 6's L2 network, 513,387 parameters."""
     trainer = _trainer(ANUNET_PAPER, dataset_json=ONE_REGION, arch_kwargs={'max_level': 2})
+    monkeypatch.setattr(type(trainer), 'anunet_paper_norm', 'batch')  # Table 6 counts the paper's BatchNorm
     network = _network(trainer, deep_supervision=False)
     assert network.max_level == network.prune_level == 2
     assert _n_params(network) == 513_387

@@ -2,7 +2,7 @@
 by the stock-CLI tests: ``nnunet-ext plan -pl ANUNetPlanner`` -> stock ``nnUNetv2_train`` (ANU-Net) ->
 stock prediction of the model folder ``nnunet-ext prune`` exported for a level; in 2d also of the full
 model and of the level chosen by NNUNET_EXT_ANUNET_PRUNE_LEVEL (the export must predict exactly the same),
-``prune``'s user errors, and the paper's own network, ``nnUNetTrainerANUNetPaper`` (BatchNorm, 32..512,
+``prune``'s user errors, and the paper's own network, ``nnUNetTrainerANUNetPaper`` (32..512, max-pooling,
 whatever the plans say), trained and predicted (the predictor rebuilds it and loads it strictly). UNet++
 (ANU-Net without gates) is covered by the unit tests and ``test_gpu_readiness.py``, the nested network's GODC
 losses by ``test_anunet_godc_gpu_readiness.py``."""
@@ -177,7 +177,7 @@ def test_the_papers_network_is_trained_and_predicts(pipelines):
     weights = _load(os.path.join(folder, 'fold_0', 'checkpoint_final.pth'))['network_weights']
     assert {k.split('.')[2] for k in weights if k.startswith('decoder.heads.')} == {'0', '1', '2', '3'}  # X_{0,1..4}
     assert weights['encoder.stages.4.1.convs.0.conv.weight'].shape[0] == 512  # 32..512, whatever the plans say
-    assert any(k.endswith('running_mean') for k in weights)  # BatchNorm
+    assert not any(k.endswith('running_mean') for k in weights)  # InstanceNorm by default, not the paper's BatchNorm
     assert_label_maps_on_input_grids(os.path.join(run['env']['nnUNet_raw'], run['dataset'], 'imagesTs'),
                                      {PAPER: run['paper_out']})
 

@@ -261,7 +261,7 @@ TRAINERS = (
     'nnUNetTrainerResUNet',         # pre-activation residual U-Net
     'nnUNetTrainerResUNetGODCLFAM',  # residual U-Net with LFAM
     'nnUNetTrainerMLN',             # multi-level structural network
-    'nnUNetTrainerANUNetPaper',     # the ANU-Net paper's network (BatchNorm, max-pooling; 2D only)
+    'nnUNetTrainerANUNetPaper',     # the ANU-Net paper's network (max-pooling, fixed topology; 2D only)
     'nnUNetTrainerResUNetPaper',    # Zhang et al.'s network (BatchNorm, fixed topology; 2D only)
 )
 TWO_D_ONLY = ('nnUNetTrainerANUNetPaper', 'nnUNetTrainerResUNetPaper')  # the papers' 2D networks refuse 3D plans

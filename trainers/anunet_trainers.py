@@ -31,5 +31,6 @@ class nnUNetTrainerUNetPlusPlus(LengthAndChecksMixin, NestedUNetArchitectureMixi
 
 class nnUNetTrainerANUNetPaper(LengthAndChecksMixin, PaperANUNetArchitectureMixin, HybridLossMixin,
                                nnUNetTrainer):
-    """The ANU-Net paper's own network (BatchNorm, 32..512 features, 4 max-poolings; Table 6's 8.95 M
-    parameters for one class) with the hybrid loss of Eq. 8, on any plans whose patch is a multiple of 16."""
+    """The ANU-Net paper's own network (32..512 features, 4 max-poolings; Table 6's 8.95 M parameters for one
+    class) with the hybrid loss of Eq. 8, on any plans whose patch is a multiple of 16; nnU-Net's
+    InstanceNorm where the paper has BatchNorm (``anunet_paper_norm = 'batch'``: the paper's)."""

@@ -5,9 +5,10 @@ kernels, strides, InstanceNorm), which is what a practitioner wants. A reviewer 
 wants the network the paper reports, with its parameter count:
 
 * :class:`PaperANUNetArchitectureMixin`: ``ANUNet.paper_preset`` (ANU-Net paper, Section 3, Fig. 4,
-  Table 6): 5 stages of 32/64/128/256/512 features, max-pooling by 2, BatchNorm, biased convolutions,
-  up-sampling blocks with norm, gates with ``F_int`` 32/32/64/128, four full-resolution heads
-  ``X_{0,1..4}``. ``docs/methods/anunet.md``.
+  Table 6): 5 stages of 32/64/128/256/512 features, max-pooling by 2, biased convolutions, up-sampling
+  blocks with norm, gates with ``F_int`` 32/32/64/128, four full-resolution heads ``X_{0,1..4}``; nnU-Net's
+  InstanceNorm by default, the paper's BatchNorm with ``anunet_paper_norm = 'batch'``.
+  ``docs/methods/anunet.md``.
 * :class:`PaperResUNetArchitectureMixin`: ``PreActResUNet.paper_preset`` (Zhang et al.'s residual U-Net, the
   ResUNet paper's network): 64/128/256 + a 512 bridge, three stride-2 down-samplings, one pre-activation
   unit per level, BatchNorm, biased convolutions; deep-supervision heads at 1, 1/2 and 1/4 of the input
@@ -32,7 +33,7 @@ from typing import List, Sequence
 import numpy as np
 from torch import nn
 
-from nnunet_ext.architectures.anunet import ANUNet
+from nnunet_ext.architectures.anunet import PAPER_NORMS, ANUNet
 from nnunet_ext.architectures.resunet import PreActResUNet
 from nnunet_ext.training.anunet_mixins import NestedUNetArchitectureMixin
 from nnunet_ext.training.composition import TrainerMixin
@@ -60,9 +61,17 @@ def check_patch_divisible(patch_size: Sequence[int], factor: int, trainer: str, 
 
 
 class PaperANUNetArchitectureMixin(NestedUNetArchitectureMixin):
-    """The ANU-Net paper's network (``ANUNet.paper_preset``: BatchNorm, 32..512 features, 4 max-poolings,
-    the paper's gates and up-sampling blocks) with the plans' channels and classes, 2D only; four
-    full-resolution heads with equal weights (Eq. 8)."""
+    """The ANU-Net paper's network (``ANUNet.paper_preset``: 32..512 features, 4 max-poolings, the paper's
+    gates and up-sampling blocks) with the plans' channels and classes, 2D only; four full-resolution heads
+    with equal weights (Eq. 8).
+
+    Class attribute ``anunet_paper_norm``: ``'instance'`` (default), nnU-Net's InstanceNorm where the paper
+    has BatchNorm; ``'batch'``, the paper's BatchNorm (Table 6's 8,950,594 parameters). With BatchNorm the
+    network learned markedly worse on real images under nnU-Net's training (``docs/methods/anunet.md``):
+    its running statistics come from augmented, foreground-oversampled patches, not the images it predicts.
+    """
+
+    anunet_paper_norm: str = 'instance'
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -71,8 +80,11 @@ class PaperANUNetArchitectureMixin(NestedUNetArchitectureMixin):
         check_2d(patch, cls.__name__, "ANU-Net's paper network")
         check_patch_divisible(patch, ANUNET_PAPER_DOWNSAMPLING, cls.__name__, "ANU-Net's paper network")
         level = configuration_manager.network_arch_init_kwargs.get('max_level', ANUNET_PAPER_LEVELS)
+        if cls.anunet_paper_norm not in PAPER_NORMS:
+            raise ValueError(f"{cls.__name__}.anunet_paper_norm must be one of {sorted(PAPER_NORMS)} ('batch': the "
+                             f"paper's BatchNorm), got {cls.anunet_paper_norm!r}")
         network = ANUNet.paper_preset(level=level, num_classes=num_output_channels, input_channels=num_input_channels,
-                                      deep_supervision=enable_deep_supervision, ndim=2)
+                                      deep_supervision=enable_deep_supervision, ndim=2, norm=cls.anunet_paper_norm)
         network.apply(network.initialize)
         return network
 
