@@ -323,10 +323,13 @@ def _signals_raise_interrupted() -> Iterator[Callable[[], None]]:
     owner = os.getpid()
 
     def handler(signal_number, frame):
-        if signal_number == signal.SIGINT and os.getpid() != owner:  # a forked child: Python's default there
+        # A forked child (nnU-Net's fork pools) inherited this handler: it must act as without us. SIGINT raises
+        # KeyboardInterrupt, Python's default; SIGTERM ends it, or the pool's terminate() would deadlock on a
+        # lock the worker holds.
+        if signal_number == signal.SIGINT and os.getpid() != owner:
             signal.default_int_handler(signal_number, frame)
-        if acted_as_default_in_forked_child(owner, signal_number):  # or the pool's terminate() (SIGTERM)
-            return  # deadlocks on a lock the worker holds
+        if acted_as_default_in_forked_child(owner, signal_number):
+            return
         if armed[0] and not _interrupt_in_flight():
             raise Interrupted(signal_number)
 
